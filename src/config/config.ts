@@ -1,0 +1,252 @@
+// The whole configuration from a plain value (parsed YAML with ${ENV} already substituted).
+import { availableParallelism } from 'node:os';
+import { constants as osConstants } from 'node:os';
+import { backend, listenAddress, routeList } from './routes.ts';
+import type {
+  CertAction, CertwatchConfig, Config, SourceConfig,
+} from './types.ts';
+import {
+  ValueError, type Path, boolean, duration, integer, list, nonEmpty, object, oneOf, pathText, string,
+} from './values.ts';
+
+const TOP_KEYS = [
+  'listen', 'client_hello_timeout', 'backend_dial_timeout', 'max_concurrent_conns', 'max_conns_per_ip',
+  'idle_timeout', 'shutdown_grace', 'max_client_hello_bytes', 'unroutable', 'acme_tls_alpn',
+  'backend_cooldown', 'fallback', 'routes', 'admin', 'log', 'sources', 'certwatch', 'workers',
+] as const;
+
+const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'] as const;
+
+function opt<T>(o: Record<string, unknown>, key: string, path: Path, read: (v: unknown, p: Path) => T, dflt: T): T {
+  const v = o[key];
+  return v === undefined || v === null ? dflt : read(v, [...path, key]);
+}
+
+export function configFromValue(v: unknown, file: string): Config {
+  const o = object(v ?? {}, [], TOP_KEYS);
+  if (o.fallback === undefined) throw new ValueError([], 'fallback is required: where unroutable connections go');
+
+  const listenRaw = o.listen ?? ':443';
+  const listen = (Array.isArray(listenRaw) ? listenRaw : [listenRaw]).map((l, i) =>
+    listenAddress(l, Array.isArray(listenRaw) ? ['listen', i] : ['listen']));
+  if (listen.length === 0) throw new ValueError(['listen'], 'listen must name at least one address');
+
+  const admin = o.admin === undefined || o.admin === null ? {} : object(o.admin, ['admin'], ['listen']);
+  const adminListen = admin.listen === undefined
+    ? listenAddress('127.0.0.1:9180', ['admin', 'listen'])
+    : admin.listen === null || admin.listen === '' || admin.listen === false
+      ? null
+      : listenAddress(admin.listen, ['admin', 'listen']);
+
+  const log = o.log === undefined || o.log === null ? {} : object(o.log, ['log'], ['level', 'access']);
+
+  const sourceNames = new Set<string>();
+  const perType = new Map<string, number>();
+  const sources = o.sources === undefined || o.sources === null
+    ? []
+    : list(o.sources, ['sources']).map((s, i) => {
+      const src = sourceConfig(s, ['sources', i], perType);
+      if (sourceNames.has(src.name) || src.name === 'config') {
+        throw new ValueError(['sources', i], `sources[${i}]: name "${src.name}" is used twice (set name: to tell them apart)`);
+      }
+      sourceNames.add(src.name);
+      return src;
+    });
+
+  const certNames = new Set<string>();
+  const certwatch = o.certwatch === undefined || o.certwatch === null
+    ? []
+    : list(o.certwatch, ['certwatch']).map((c, i) => {
+      const cw = certwatchConfig(c, ['certwatch', i]);
+      if (certNames.has(cw.name)) throw new ValueError(['certwatch', i, 'name'], `certwatch name "${cw.name}" is used twice`);
+      certNames.add(cw.name);
+      return cw;
+    });
+
+  const workersRaw = o.workers ?? 1;
+  const workers = workersRaw === 'auto' ? availableParallelism() : integer(workersRaw, ['workers'], 1, 256);
+
+  return Object.freeze({
+    file,
+    listen,
+    server: Object.freeze({
+      clientHelloTimeoutMs: opt(o, 'client_hello_timeout', [], duration, 5000),
+      backendDialTimeoutMs: opt(o, 'backend_dial_timeout', [], duration, 5000),
+      maxConcurrentConns: opt(o, 'max_concurrent_conns', [], (x, p) => integer(x, p, 0), 10000),
+      maxConnsPerIp: opt(o, 'max_conns_per_ip', [], (x, p) => integer(x, p, 0), 0),
+      idleTimeoutMs: opt(o, 'idle_timeout', [], duration, 0),
+      shutdownGraceMs: opt(o, 'shutdown_grace', [], duration, 30_000),
+      maxClientHelloBytes: opt(o, 'max_client_hello_bytes', [], (x, p) => integer(x, p, 512, 1 << 20), 16384),
+      unroutable: opt(o, 'unroutable', [], (x, p) => oneOf(x, p, ['fallback', 'close'] as const), 'fallback'),
+      acmeTlsAlpn: opt(o, 'acme_tls_alpn', [], (x, p) => oneOf(x, p, ['fallback', 'route'] as const), 'fallback'),
+      dialCooldownMs: opt(o, 'backend_cooldown', [], duration, 10_000),
+    }),
+    fallback: backend(o.fallback, ['fallback'], 'fallback'),
+    routes: routeList(o.routes, ['routes'], 'config'),
+    admin: { listen: adminListen },
+    log: {
+      level: opt(log, 'level', ['log'], (x, p) => oneOf(x, p, LOG_LEVELS), 'info'),
+      access: opt(log, 'access', ['log'], boolean, false),
+    },
+    sources,
+    certwatch,
+    workers,
+  });
+}
+
+const FILE_KEYS = ['type', 'name', 'path'] as const;
+const POSTGRES_KEYS = [
+  'type', 'name', 'url', 'interval', 'listen_channel', 'query', 'params', 'cache_file', 'statement_timeout',
+] as const;
+const REDIS_KEYS = ['type', 'name', 'url', 'key', 'channel', 'resync_interval'] as const;
+
+/** A source without a name is called by its type ("file"), then "file-2", "file-3" and so on. */
+function sourceConfig(v: unknown, path: Path, perType: Map<string, number>): SourceConfig {
+  const peek = object(v, path, ['type', ...FILE_KEYS, ...POSTGRES_KEYS, ...REDIS_KEYS]);
+  if (peek.type === undefined) throw new ValueError(path, `${pathText(path)} needs type (file, postgres or redis)`);
+  const type = oneOf(peek.type, [...path, 'type'], ['file', 'postgres', 'redis'] as const);
+  const nth = (perType.get(type) ?? 0) + 1;
+  perType.set(type, nth);
+  const name = (o: Record<string, unknown>) => opt(o, 'name', path, nonEmpty, nth === 1 ? type : `${type}-${nth}`);
+  switch (type) {
+    case 'file': {
+      const o = object(v, path, FILE_KEYS);
+      if (o.path === undefined) throw new ValueError(path, `${pathText(path)} (file) needs path`);
+      return { type, name: name(o), path: nonEmpty(o.path, [...path, 'path']) };
+    }
+    case 'postgres': {
+      const o = object(v, path, POSTGRES_KEYS);
+      if (o.url === undefined) throw new ValueError(path, `${pathText(path)} (postgres) needs url`);
+      const url = nonEmpty(o.url, [...path, 'url']);
+      if (!/^postgres(ql)?:\/\//.test(url)) {
+        throw new ValueError([...path, 'url'], `${pathText(path)}.url must start with postgres:// or postgresql://`);
+      }
+      const paramsRaw = o.params === undefined || o.params === null ? {} : o.params;
+      const paramsObj = object(paramsRaw, [...path, 'params'], Object.keys(paramsRaw as object));
+      const params: Record<string, string> = {};
+      for (const [k, pv] of Object.entries(paramsObj)) params[k] = string(pv, [...path, 'params', k]);
+      const query = opt(o, 'query', path, nonEmpty, 'default').trim();
+      if (query === 'default') {
+        for (const required of ['base_domain', 'node_id']) {
+          if (params[required] === undefined) {
+            throw new ValueError([...path, 'params'], `${pathText(path)}: query: default needs params.${required}`);
+          }
+        }
+      }
+      const listenChannel = opt<string | null>(o, 'listen_channel', path, nonEmpty, null);
+      if (listenChannel !== null && !/^[A-Za-z_][A-Za-z0-9_]{0,62}$/.test(listenChannel)) {
+        throw new ValueError([...path, 'listen_channel'], `${pathText(path)}.listen_channel must be a plain SQL identifier`);
+      }
+      const intervalMs = opt(o, 'interval', path, duration, 10_000);
+      if (intervalMs < 100) throw new ValueError([...path, 'interval'], `${pathText(path)}.interval must be at least 100ms`);
+      return {
+        type,
+        name: name(o),
+        url,
+        intervalMs,
+        listenChannel,
+        query,
+        params,
+        cacheFile: opt<string | null>(o, 'cache_file', path, nonEmpty, null),
+        statementTimeoutMs: opt(o, 'statement_timeout', path, duration, 5000),
+      };
+    }
+    case 'redis': {
+      const o = object(v, path, REDIS_KEYS);
+      const url = opt(o, 'url', path, nonEmpty, 'redis://127.0.0.1:6379/0');
+      if (!/^rediss?:\/\//.test(url)) {
+        throw new ValueError([...path, 'url'], `${pathText(path)}.url must start with redis:// or rediss://`);
+      }
+      const resyncIntervalMs = opt(o, 'resync_interval', path, duration, 30_000);
+      if (resyncIntervalMs < 100) {
+        throw new ValueError([...path, 'resync_interval'], `${pathText(path)}.resync_interval must be at least 100ms`);
+      }
+      return {
+        type,
+        name: name(o),
+        url,
+        key: opt(o, 'key', path, nonEmpty, 'sni-router:routes'),
+        channel: opt(o, 'channel', path, nonEmpty, 'sni-router:routes'),
+        resyncIntervalMs,
+      };
+    }
+  }
+}
+
+const CERT_KEYS = [
+  'name', 'domain', 'caddy_storage', 'cert', 'key', 'copy_to', 'on_change', 'min_interval', 'debounce',
+] as const;
+
+function certwatchConfig(v: unknown, path: Path): CertwatchConfig {
+  const o = object(v, path, CERT_KEYS);
+  if (o.domain === undefined) throw new ValueError(path, `${pathText(path)} needs domain`);
+  const domain = nonEmpty(o.domain, [...path, 'domain']).toLowerCase().replace(/\.$/, '');
+  const name = opt(o, 'name', path, nonEmpty, domain);
+  if (!/^[A-Za-z0-9_.-]+$/.test(name)) {
+    throw new ValueError([...path, 'name'], `${pathText(path)}.name may hold only letters, digits, '.', '_' and '-' (it names files)`);
+  }
+  const caddyStorage = opt<string | null>(o, 'caddy_storage', path, nonEmpty, null);
+  const cert = opt<string | null>(o, 'cert', path, nonEmpty, null);
+  const key = opt<string | null>(o, 'key', path, nonEmpty, null);
+  if ((cert === null) !== (key === null)) {
+    throw new ValueError(path, `${pathText(path)}: cert and key go together`);
+  }
+  if ((caddyStorage === null) === (cert === null)) {
+    throw new ValueError(path, `${pathText(path)} needs exactly one of caddy_storage, or cert and key`);
+  }
+  let copyTo: CertwatchConfig['copyTo'] = null;
+  if (o.copy_to !== undefined && o.copy_to !== null) {
+    const c = object(o.copy_to, [...path, 'copy_to'], ['dir', 'mode']);
+    if (c.dir === undefined) throw new ValueError([...path, 'copy_to'], `${pathText(path)}.copy_to needs dir`);
+    const modeText = c.mode === undefined ? '0640' : string(c.mode, [...path, 'copy_to', 'mode']);
+    if (!/^0?[0-7]{3}$/.test(modeText)) {
+      throw new ValueError([...path, 'copy_to', 'mode'], `${pathText(path)}.copy_to.mode must be octal like "0640"`);
+    }
+    copyTo = { dir: nonEmpty(c.dir, [...path, 'copy_to', 'dir']), mode: parseInt(modeText, 8) };
+  }
+  return {
+    name,
+    domain,
+    caddyStorage,
+    cert,
+    key,
+    copyTo,
+    onChange: o.on_change === undefined || o.on_change === null ? null : certAction(o.on_change, [...path, 'on_change']),
+    minIntervalMs: opt(o, 'min_interval', path, duration, 30_000),
+    debounceMs: opt(o, 'debounce', path, duration, 500),
+  };
+}
+
+function signalName(v: unknown, path: Path): NodeJS.Signals {
+  let s = nonEmpty(v, path).toUpperCase();
+  if (!s.startsWith('SIG')) s = `SIG${s}`;
+  if (!(s in osConstants.signals)) throw new ValueError(path, `${pathText(path)}: unknown signal "${s}"`);
+  return s as NodeJS.Signals;
+}
+
+function certAction(v: unknown, path: Path): CertAction {
+  const o = object(v, path, ['signal', 'restart', 'exec']);
+  const given = Object.keys(o).filter((k) => o[k] !== undefined && o[k] !== null);
+  if (given.length !== 1) throw new ValueError(path, `${pathText(path)} needs exactly one of signal, restart, exec`);
+  if (o.signal !== undefined && o.signal !== null) {
+    const p = [...path, 'signal'];
+    const s = object(o.signal, p, ['systemd_unit', 'pid_file', 'signal']);
+    const systemdUnit = opt<string | null>(s, 'systemd_unit', p, nonEmpty, null);
+    const pidFile = opt<string | null>(s, 'pid_file', p, nonEmpty, null);
+    if ((systemdUnit === null) === (pidFile === null)) {
+      throw new ValueError(p, `${pathText(p)} needs exactly one of systemd_unit, pid_file`);
+    }
+    if (s.signal === undefined) throw new ValueError(p, `${pathText(p)} needs signal (e.g. SIGUSR2)`);
+    return { kind: 'signal', systemdUnit, pidFile, signal: signalName(s.signal, [...p, 'signal']) };
+  }
+  if (o.restart !== undefined && o.restart !== null) {
+    const p = [...path, 'restart'];
+    const r = object(o.restart, p, ['systemd_unit']);
+    if (r.systemd_unit === undefined) throw new ValueError(p, `${pathText(p)} needs systemd_unit`);
+    return { kind: 'restart', systemdUnit: nonEmpty(r.systemd_unit, [...p, 'systemd_unit']) };
+  }
+  const p = [...path, 'exec'];
+  const argv = list(o.exec, p).map((a, i) => nonEmpty(a, [...p, i]));
+  if (argv.length === 0) throw new ValueError(p, `${pathText(p)} needs a program to run`);
+  return { kind: 'exec', argv };
+}

@@ -1,0 +1,87 @@
+// The typed configuration, after validation. Durations are milliseconds.
+import type { BackendSpec, RouteSpec } from '../router/table.ts';
+
+export interface ListenAddress {
+  /** undefined: every interface, IPv4 and IPv6 (":443"). */
+  readonly host: string | undefined;
+  readonly port: number;
+  /** As written, for logs. */
+  readonly text: string;
+}
+
+export interface ServerSettings {
+  readonly clientHelloTimeoutMs: number;
+  readonly backendDialTimeoutMs: number;
+  readonly maxConcurrentConns: number;
+  readonly maxConnsPerIp: number;
+  readonly idleTimeoutMs: number;
+  readonly shutdownGraceMs: number;
+  readonly maxClientHelloBytes: number;
+  readonly unroutable: 'fallback' | 'close';
+  readonly acmeTlsAlpn: 'fallback' | 'route';
+  /** How long a backend address that failed to dial is skipped. */
+  readonly dialCooldownMs: number;
+}
+
+export interface FileSourceConfig {
+  readonly type: 'file';
+  readonly name: string;
+  readonly path: string;
+}
+
+export interface PostgresSourceConfig {
+  readonly type: 'postgres';
+  readonly name: string;
+  readonly url: string;
+  readonly intervalMs: number;
+  readonly listenChannel: string | null;
+  /** 'default' reads sql/schema.sql's tables; anything else is SQL returning match, addr [, name, proxy_protocol, alpn]. */
+  readonly query: string;
+  readonly params: Readonly<Record<string, string>>;
+  readonly cacheFile: string | null;
+  readonly statementTimeoutMs: number;
+}
+
+export interface RedisSourceConfig {
+  readonly type: 'redis';
+  readonly name: string;
+  readonly url: string;
+  readonly key: string;
+  readonly channel: string;
+  readonly resyncIntervalMs: number;
+}
+
+export type SourceConfig = FileSourceConfig | PostgresSourceConfig | RedisSourceConfig;
+
+export type CertAction =
+  | { readonly kind: 'signal'; readonly systemdUnit: string | null; readonly pidFile: string | null; readonly signal: NodeJS.Signals }
+  | { readonly kind: 'restart'; readonly systemdUnit: string }
+  | { readonly kind: 'exec'; readonly argv: readonly string[] };
+
+export interface CertwatchConfig {
+  readonly name: string;
+  readonly domain: string;
+  readonly caddyStorage: string | null;
+  readonly cert: string | null;
+  readonly key: string | null;
+  readonly copyTo: { readonly dir: string; readonly mode: number } | null;
+  readonly onChange: CertAction | null;
+  readonly minIntervalMs: number;
+  /** Quiet time after the last file event before the pair is read. */
+  readonly debounceMs: number;
+}
+
+export interface Config {
+  /** The file it was read from, or "<embedded>". */
+  readonly file: string;
+  readonly listen: readonly ListenAddress[];
+  readonly server: ServerSettings;
+  readonly fallback: BackendSpec;
+  readonly routes: readonly RouteSpec[];
+  readonly admin: { readonly listen: ListenAddress | null };
+  readonly log: { readonly level: string; readonly access: boolean };
+  readonly sources: readonly SourceConfig[];
+  readonly certwatch: readonly CertwatchConfig[];
+  /** Worker processes for the data plane; 1 runs everything in one process. */
+  readonly workers: number;
+}

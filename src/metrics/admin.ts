@@ -1,0 +1,82 @@
+// Admin HTTP: /metrics, /healthz, /readyz, /routes. Bound to loopback unless the operator writes
+// another address. It serves reads only; nothing here changes the router.
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import type { ListenAddress } from '../config/types.ts';
+import type { Logger } from '../log.ts';
+
+export interface AdminHandlers {
+  /** Prometheus text and its content type. */
+  metrics(): Promise<{ contentType: string; body: string }>;
+  /** null when ready, else why not. */
+  notReadyReason(): string | null;
+  routes(): unknown;
+}
+
+export class AdminServer {
+  readonly #server: http.Server;
+  readonly #handlers: AdminHandlers;
+  readonly #logger: Logger;
+
+  constructor(handlers: AdminHandlers, logger: Logger) {
+    this.#handlers = handlers;
+    this.#logger = logger;
+    this.#server = http.createServer((req, res) => {
+      this.#handle(req, res).catch((err: Error) => {
+        this.#logger.error({ err: err.message, path: req.url }, 'admin request failed');
+        if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
+        res.end('internal error\n');
+      });
+    });
+    this.#server.keepAliveTimeout = 5000;
+    this.#server.headersTimeout = 10_000;
+    this.#server.requestTimeout = 30_000;
+  }
+
+  async listen(addr: ListenAddress): Promise<AddressInfo> {
+    await new Promise<void>((resolve, reject) => {
+      this.#server.once('error', (err) => reject(new Error(`cannot listen on admin address ${addr.text}: ${err.message}`)));
+      this.#server.listen({ host: addr.host, port: addr.port }, () => resolve());
+    });
+    return this.#server.address() as AddressInfo;
+  }
+
+  async close(): Promise<void> {
+    this.#server.closeIdleConnections();
+    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+  }
+
+  async #handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {
+    const path = (req.url ?? '/').split('?')[0];
+    if (req.method !== 'GET' && req.method !== 'HEAD') {
+      res.writeHead(405, { allow: 'GET, HEAD', 'content-type': 'text/plain' });
+      res.end('method not allowed\n');
+      return;
+    }
+    switch (path) {
+      case '/metrics': {
+        const { contentType, body } = await this.#handlers.metrics();
+        res.writeHead(200, { 'content-type': contentType });
+        res.end(body);
+        return;
+      }
+      case '/healthz':
+        res.writeHead(200, { 'content-type': 'text/plain' });
+        res.end('ok\n');
+        return;
+      case '/readyz': {
+        const why = this.#handlers.notReadyReason();
+        res.writeHead(why === null ? 200 : 503, { 'content-type': 'text/plain' });
+        res.end(why === null ? 'ready\n' : `not ready: ${why}\n`);
+        return;
+      }
+      case '/routes':
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(`${JSON.stringify(this.#handlers.routes(), null, 2)}\n`);
+        return;
+      default:
+        res.writeHead(404, { 'content-type': 'text/plain' });
+        res.end('not found: try /metrics, /healthz, /readyz or /routes\n');
+    }
+  }
+}

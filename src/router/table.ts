@@ -1,0 +1,198 @@
+// The route table: an immutable map from SNI (and ALPN) to a backend.
+//
+// Lookup cost does not depend on the number of routes: an exact name is one hash lookup, and each
+// wildcard level is one more on a suffix of the name (a name has at most 127 labels). Nothing scans.
+
+/** ALPN condition of a route: absent (null) means "whatever the client offers". */
+export type AlpnCondition =
+  | { readonly kind: 'none' } // offers no ALPN
+  | { readonly kind: 'any' } // offers at least one protocol
+  | { readonly kind: 'list'; readonly protocols: readonly string[] }; // offers at least one of these
+
+export type ProxyProtocol = 'v1' | 'v2';
+
+export interface BackendSpec {
+  readonly name: string;
+  /** "host:port" or "[v6]:port", tried in order. */
+  readonly addrs: readonly string[];
+  readonly proxyProtocol: ProxyProtocol | null;
+}
+
+export interface RouteSpec {
+  /** Normalized pattern: "name", "*.suffix" or "**.suffix". */
+  readonly match: string;
+  readonly alpn: AlpnCondition | null;
+  readonly backend: BackendSpec;
+  /** Where the route came from: "config", or a source's name. */
+  readonly source: string;
+}
+
+/** Lowercases and removes one trailing dot, as the contract says for SNI and patterns alike. */
+export function normalizeName(name: string): string {
+  const lower = name.toLowerCase();
+  return lower.endsWith('.') ? lower.slice(0, -1) : lower;
+}
+
+const LABEL = /^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$/;
+
+/** Returns an error message for a pattern that cannot match anything sensible, else null. */
+export function patternError(match: string): string | null {
+  if (match.length === 0) return 'match is empty';
+  let rest = match;
+  if (match.startsWith('**.')) rest = match.slice(3);
+  else if (match.startsWith('*.')) rest = match.slice(2);
+  if (rest.length === 0 || rest.length > 253) return `match "${match}" has no valid name after the wildcard`;
+  for (const label of rest.split('.')) {
+    if (!LABEL.test(label)) {
+      return label.includes('*')
+        ? `match "${match}": a wildcard is allowed only as the first label ("*." or "**.")`
+        : `match "${match}": "${label}" is not a valid DNS label`;
+    }
+  }
+  return null;
+}
+
+/** A stable key for "same match and same alpn", the unit of conflict between sources. */
+export function routeKey(route: Pick<RouteSpec, 'match' | 'alpn'>): string {
+  return `${route.match}|${alpnKey(route.alpn)}`;
+}
+
+export function alpnKey(alpn: AlpnCondition | null): string {
+  if (alpn === null) return '';
+  if (alpn.kind === 'list') return `[${alpn.protocols.join(',')}]`;
+  return alpn.kind;
+}
+
+export function alpnMatches(cond: AlpnCondition | null, offered: readonly string[] | null): boolean {
+  if (cond === null) return true;
+  switch (cond.kind) {
+    case 'none':
+      return offered === null || offered.length === 0;
+    case 'any':
+      return offered !== null && offered.length > 0;
+    case 'list':
+      if (offered === null) return false;
+      for (const p of cond.protocols) if (offered.includes(p)) return true;
+      return false;
+  }
+}
+
+export interface RouteConflict {
+  readonly winner: RouteSpec;
+  readonly loser: RouteSpec;
+}
+
+export class RouteTable {
+  readonly routes: readonly RouteSpec[];
+  readonly fallback: BackendSpec;
+  readonly conflicts: readonly RouteConflict[];
+  readonly #exact = new Map<string, RouteSpec[]>();
+  readonly #oneLabel = new Map<string, RouteSpec[]>();
+  readonly #anyLabels = new Map<string, RouteSpec[]>();
+
+  /**
+   * Builds a table from routes in precedence order. On the same match and alpn the first route
+   * wins; the others are reported in `conflicts` and left out.
+   */
+  constructor(routes: readonly RouteSpec[], fallback: BackendSpec) {
+    this.fallback = fallback;
+    const kept: RouteSpec[] = [];
+    const conflicts: RouteConflict[] = [];
+    const seen = new Map<string, RouteSpec>();
+    for (const route of routes) {
+      const key = routeKey(route);
+      const winner = seen.get(key);
+      if (winner !== undefined) {
+        conflicts.push({ winner, loser: route });
+        continue;
+      }
+      seen.set(key, route);
+      kept.push(route);
+      let map = this.#exact;
+      let name = route.match;
+      if (name.startsWith('**.')) {
+        map = this.#anyLabels;
+        name = name.slice(3);
+      } else if (name.startsWith('*.')) {
+        map = this.#oneLabel;
+        name = name.slice(2);
+      }
+      const list = map.get(name);
+      if (list === undefined) map.set(name, [route]);
+      else list.push(route);
+    }
+    // Within one pattern, routes with an ALPN condition are tried first, in order, then the one
+    // without (a stable sort keeps their relative order).
+    for (const map of [this.#exact, this.#oneLabel, this.#anyLabels]) {
+      for (const list of map.values()) {
+        if (list.length > 1) list.sort((a, b) => (a.alpn === null ? 1 : 0) - (b.alpn === null ? 1 : 0));
+      }
+    }
+    this.routes = Object.freeze(kept);
+    this.conflicts = Object.freeze(conflicts);
+  }
+
+  /**
+   * The route for a normalized SNI and the offered ALPN, or null for the fallback. Candidates are
+   * tried from the most specific pattern down (exact, then the longest suffix, `*.` before `**.`);
+   * the first whose ALPN condition holds wins.
+   */
+  lookup(sni: string, alpn: readonly string[] | null): RouteSpec | null {
+    let hit = pick(this.#exact.get(sni), alpn);
+    if (hit !== null) return hit;
+    let dot = sni.indexOf('.');
+    if (dot < 0) return null;
+    let suffix = sni.slice(dot + 1);
+    hit = pick(this.#oneLabel.get(suffix), alpn) ?? pick(this.#anyLabels.get(suffix), alpn);
+    if (hit !== null) return hit;
+    if (this.#anyLabels.size === 0) return null;
+    for (;;) {
+      dot = suffix.indexOf('.');
+      if (dot < 0) return null;
+      suffix = suffix.slice(dot + 1);
+      hit = pick(this.#anyLabels.get(suffix), alpn);
+      if (hit !== null) return hit;
+    }
+  }
+}
+
+function pick(list: RouteSpec[] | undefined, alpn: readonly string[] | null): RouteSpec | null {
+  if (list === undefined) return null;
+  for (let i = 0; i < list.length; i++) {
+    if (alpnMatches(list[i].alpn, alpn)) return list[i];
+  }
+  return null;
+}
+
+/**
+ * Holds the live table. `replace` is an atomic swap: a connection looks the table up once, when
+ * its ClientHello is complete, and keeps the backend it got whatever happens to the table later.
+ */
+export class Router {
+  #table: RouteTable;
+  #generation = 1;
+  #listeners: Array<(table: RouteTable, generation: number) => void> = [];
+
+  constructor(initial: RouteTable) {
+    this.#table = initial;
+  }
+
+  get table(): RouteTable {
+    return this.#table;
+  }
+
+  get generation(): number {
+    return this.#generation;
+  }
+
+  replace(table: RouteTable): number {
+    this.#table = table;
+    this.#generation++;
+    for (const fn of this.#listeners) fn(table, this.#generation);
+    return this.#generation;
+  }
+
+  onReplace(fn: (table: RouteTable, generation: number) => void): void {
+    this.#listeners.push(fn);
+  }
+}

@@ -1,0 +1,227 @@
+// The composer: holds the last good snapshot of every source, merges them with the config's own
+// routes in precedence order, and swaps the result into the router. Bursts of changes are
+// coalesced for a few tens of milliseconds; a merge that changes nothing is not applied.
+import type { Logger } from '../log.ts';
+import type { Metrics } from '../metrics/metrics.ts';
+import {
+  type BackendSpec, type RouteSpec, RouteTable, type Router, alpnKey, routeKey,
+} from '../router/table.ts';
+import type { RouteSource, Snapshot, SourceSink, SourceStatus } from './source.ts';
+
+export interface ComposerOptions {
+  readonly router: Router;
+  readonly metrics: Metrics;
+  readonly logger: Logger;
+  /** How long to gather changes before one replace. */
+  readonly coalesceMs?: number;
+}
+
+interface Tracked {
+  readonly source: RouteSource;
+  snapshot: Snapshot | null;
+  status: SourceStatus;
+}
+
+/** The routes that came from config, the first in precedence. */
+export const CONFIG_SOURCE = 'config';
+
+export class Composer {
+  readonly #router: Router;
+  readonly #metrics: Metrics;
+  readonly #logger: Logger;
+  readonly #coalesceMs: number;
+  #configRoutes: readonly RouteSpec[] = [];
+  #fallback: BackendSpec;
+  #sources: Tracked[] = [];
+  #timer: NodeJS.Timeout | null = null;
+  #stopped = false;
+  /** Conflicts already reported, so a standing conflict is logged and counted once. */
+  #knownConflicts = new Set<string>();
+
+  constructor(opts: ComposerOptions) {
+    this.#router = opts.router;
+    this.#metrics = opts.metrics;
+    this.#logger = opts.logger;
+    this.#coalesceMs = opts.coalesceMs ?? 25;
+    this.#fallback = opts.router.table.fallback;
+  }
+
+  /** Sets the config's routes and fallback (at start and on SIGHUP) and applies them at once. */
+  setConfig(routes: readonly RouteSpec[], fallback: BackendSpec): void {
+    this.#configRoutes = routes;
+    this.#fallback = fallback;
+    this.applyNow();
+  }
+
+  /** Replaces the set of sources (in precedence order): stops the old ones, starts the new. */
+  async setSources(sources: readonly RouteSource[]): Promise<void> {
+    const old = this.#sources;
+    this.#sources = sources.map((source) => ({
+      source,
+      snapshot: null,
+      status: {
+        name: source.name, type: source.type, state: 'starting', failingSince: null, lastSuccess: null, lastError: null, routes: 0,
+      },
+    }));
+    await Promise.all(old.map((t) => t.source.stop().catch((err: Error) => {
+      this.#logger.warn({ source: t.source.name, err: err.message }, 'source did not stop cleanly');
+    })));
+    this.#metrics.routes.reset();
+    await Promise.all(this.#sources.map((t) => t.source.start(this.#sinkFor(t)).catch((err: Error) => {
+      this.#sinkFor(t).failure(err);
+    })));
+    this.schedule();
+  }
+
+  resyncAll(): void {
+    for (const t of this.#sources) t.source.resync();
+  }
+
+  statuses(): SourceStatus[] {
+    return this.#sources.map((t) => t.status);
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    if (this.#timer !== null) clearTimeout(this.#timer);
+    this.#timer = null;
+    await Promise.all(this.#sources.map((t) => t.source.stop().catch(() => {})));
+  }
+
+  #sinkFor(t: Tracked): SourceSink {
+    const name = t.source.name;
+    return {
+      snapshot: (snapshot) => {
+        if (this.#stopped || !this.#sources.includes(t)) return;
+        const now = Date.now();
+        t.snapshot = snapshot;
+        t.status = { ...t.status, state: 'ok', failingSince: null, lastSuccess: now, lastError: null, routes: snapshot.routes.length };
+        this.#metrics.sourceUpdates.inc({ source: name, result: 'ok' });
+        this.#metrics.sourceLastSuccess.set({ source: name }, now / 1000);
+        this.#metrics.sourceUp.set({ source: name }, 1);
+        if (snapshot.invalid.length > 0) {
+          this.#metrics.sourceInvalidEntries.inc({ source: name }, snapshot.invalid.length);
+          for (const bad of snapshot.invalid.slice(0, 20)) {
+            this.#logger.warn({ source: name, entry: bad.entry, err: bad.error }, 'skipped invalid route entry');
+          }
+        }
+        this.schedule();
+      },
+      failure: (err) => {
+        if (this.#stopped || !this.#sources.includes(t)) return;
+        const wasFailing = t.status.state === 'failing';
+        t.status = {
+          ...t.status, state: 'failing', failingSince: t.status.failingSince ?? Date.now(), lastError: err.message,
+        };
+        this.#metrics.sourceUpdates.inc({ source: name, result: 'error' });
+        this.#metrics.sourceUp.set({ source: name }, 0);
+        // The first failure is a warning; repeats while still failing are debug, not a flood.
+        const level = wasFailing ? 'debug' : 'warn';
+        this.#logger[level]({ source: name, err: err.message, routes_kept: t.snapshot?.routes.length ?? 0 },
+          'source failed, keeping its last good snapshot');
+      },
+    };
+  }
+
+  /** Applies soon, gathering any further changes that arrive meanwhile. */
+  schedule(): void {
+    if (this.#timer !== null || this.#stopped) return;
+    this.#timer = setTimeout(() => {
+      this.#timer = null;
+      this.applyNow();
+    }, this.#coalesceMs);
+  }
+
+  /** Merges everything and replaces the table if anything changed. */
+  applyNow(): void {
+    if (this.#timer !== null) {
+      clearTimeout(this.#timer);
+      this.#timer = null;
+    }
+    const merged: RouteSpec[] = [...this.#configRoutes];
+    for (const t of this.#sources) if (t.snapshot !== null) merged.push(...t.snapshot.routes);
+    const current = this.#router.table;
+    const table = new RouteTable(merged, this.#fallback);
+    this.#reportConflicts(table);
+    const diff = diffRoutes(current.routes, table.routes);
+    const fallbackChanged = backendKey(current.fallback) !== backendKey(table.fallback);
+    if (diff.added.length === 0 && diff.removed.length === 0 && diff.changed.length === 0 && !fallbackChanged) {
+      return;
+    }
+    const generation = this.#router.replace(table);
+    this.#metrics.routeTableGeneration.set(generation);
+    this.#metrics.routes.reset();
+    const perSource = new Map<string, number>();
+    for (const r of table.routes) perSource.set(r.source, (perSource.get(r.source) ?? 0) + 1);
+    for (const t of this.#sources) if (!perSource.has(t.source.name)) perSource.set(t.source.name, 0);
+    perSource.set(CONFIG_SOURCE, perSource.get(CONFIG_SOURCE) ?? 0);
+    for (const [source, n] of perSource) this.#metrics.routes.set({ source }, n);
+    this.#logger.info({
+      generation,
+      routes: table.routes.length,
+      added: diff.added.slice(0, 50).map(describeRoute),
+      removed: diff.removed.slice(0, 50).map(describeRoute),
+      changed: diff.changed.slice(0, 50).map(describeRoute),
+      ...(fallbackChanged ? { fallback: describeBackend(table.fallback) } : {}),
+      ...(diff.added.length + diff.removed.length + diff.changed.length > 150 ? { truncated: true } : {}),
+    }, 'route table replaced');
+  }
+
+  #reportConflicts(table: RouteTable): void {
+    const now = new Set<string>();
+    for (const { winner, loser } of table.conflicts) {
+      const key = `${routeKey(loser)}|${loser.source}|${winner.source}`;
+      now.add(key);
+      if (this.#knownConflicts.has(key)) continue;
+      this.#metrics.routeConflicts.inc({ source: loser.source });
+      this.#logger.warn({
+        match: loser.match, alpn: alpnKey(loser.alpn) || undefined, winner: winner.source, loser: loser.source,
+        kept_backend: winner.backend.name, dropped_backend: loser.backend.name,
+      }, 'route conflict: the earlier source wins');
+    }
+    this.#knownConflicts = now;
+  }
+}
+
+function backendKey(b: BackendSpec): string {
+  return `${b.name}|${b.addrs.join(',')}|${b.proxyProtocol ?? ''}`;
+}
+
+function describeBackend(b: BackendSpec): string {
+  return `${b.name} ${b.addrs.join(',')}${b.proxyProtocol === null ? '' : ` proxy_protocol=${b.proxyProtocol}`}`;
+}
+
+function describeRoute(r: RouteSpec): string {
+  const alpn = alpnKey(r.alpn);
+  return `${r.match}${alpn === '' ? '' : ` alpn=${alpn}`} -> ${describeBackend(r.backend)} (${r.source})`;
+}
+
+export interface RouteDiff {
+  readonly added: RouteSpec[];
+  readonly removed: RouteSpec[];
+  readonly changed: RouteSpec[];
+}
+
+export function diffRoutes(before: readonly RouteSpec[], after: readonly RouteSpec[]): RouteDiff {
+  const old = new Map<string, RouteSpec>();
+  for (const r of before) old.set(routeKey(r), r);
+  const added: RouteSpec[] = [];
+  const changed: RouteSpec[] = [];
+  for (const r of after) {
+    const key = routeKey(r);
+    const prev = old.get(key);
+    if (prev === undefined) added.push(r);
+    else if (backendKey(prev.backend) !== backendKey(r.backend) || prev.source !== r.source) changed.push(r);
+    old.delete(key);
+  }
+  // Order inside one pattern matters (ALPN routes are tried in order): a reorder is a change.
+  if (added.length === 0 && old.size === 0 && changed.length === 0) {
+    for (let i = 0; i < after.length; i++) {
+      if (routeKey(before[i]) !== routeKey(after[i])) {
+        changed.push(after[i]);
+        break;
+      }
+    }
+  }
+  return { added, removed: [...old.values()], changed };
+}
