@@ -1,0 +1,224 @@
+// Configuration and command line: the Go orama-sni-router config loads unchanged, errors point at
+// FILE:LINE:COL, ${ENV} is interpolated, `check` prints the table, exit codes follow the contract.
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describe, test } from 'node:test';
+import { ConfigError, parseConfig } from '../src/config/load.ts';
+import { parseDuration } from '../src/config/values.ts';
+import { tempDir } from './helpers.ts';
+
+const BIN = join(import.meta.dirname, '..', 'bin', 'sni-router');
+
+const ORAMA = `listen: ":443"                 # a string or a list of strings; "[::]:443" for IPv6
+client_hello_timeout: 5s
+backend_dial_timeout: 5s
+max_concurrent_conns: 10000
+fallback:
+  name: caddy
+  addr: "127.0.0.1:8443"
+routes:
+  - match: "cdn.example.com"
+    backend:
+      name: turn-tls
+      addr: "127.0.0.1:5349"
+`;
+
+function errorOf(yaml: string, env: NodeJS.ProcessEnv = {}): ConfigError {
+  try {
+    parseConfig(yaml, 'x.yaml', env);
+  } catch (err) {
+    assert.ok(err instanceof ConfigError, `expected ConfigError, got ${err}`);
+    return err;
+  }
+  assert.fail('expected an error');
+}
+
+describe('configuration', () => {
+  test('the orama-sni-router config loads unchanged, with the documented defaults', () => {
+    const c = parseConfig(ORAMA, 'orama.yaml');
+    assert.deepEqual(c.listen, [{ host: undefined, port: 443, text: ':443' }]);
+    assert.equal(c.server.clientHelloTimeoutMs, 5000);
+    assert.equal(c.server.backendDialTimeoutMs, 5000);
+    assert.equal(c.server.maxConcurrentConns, 10000);
+    assert.equal(c.server.maxConnsPerIp, 0);
+    assert.equal(c.server.idleTimeoutMs, 0);
+    assert.equal(c.server.shutdownGraceMs, 30000);
+    assert.equal(c.server.maxClientHelloBytes, 16384);
+    assert.equal(c.server.unroutable, 'fallback');
+    assert.equal(c.server.acmeTlsAlpn, 'fallback');
+    assert.deepEqual(c.fallback, { name: 'caddy', addrs: ['127.0.0.1:8443'], proxyProtocol: null });
+    assert.equal(c.routes.length, 1);
+    assert.deepEqual(c.routes[0], {
+      match: 'cdn.example.com', alpn: null, source: 'config',
+      backend: { name: 'turn-tls', addrs: ['127.0.0.1:5349'], proxyProtocol: null },
+    });
+    assert.equal(c.admin.listen?.text, '127.0.0.1:9180');
+    assert.deepEqual(c.log, { level: 'info', access: false });
+  });
+
+  test('every further key parses: lists of listen addresses, IPv6, addrs, proxy_protocol, alpn forms', () => {
+    const c = parseConfig(`
+listen: ["0.0.0.0:443", "[::]:443"]
+max_conns_per_ip: 50
+idle_timeout: 10m
+shutdown_grace: 1m30s
+max_client_hello_bytes: 8192
+unroutable: close
+acme_tls_alpn: route
+admin: { listen: "[::1]:9999" }
+log: { level: debug, access: true }
+fallback: { addrs: ["127.0.0.1:1", "[::1]:2"], proxy_protocol: v1 }
+routes:
+  - { match: "*.a.example", alpn: none, backend: { name: t, addr: "h:1", proxy_protocol: v2 } }
+  - { match: "**.b.example", alpn: any, backend: { addr: "h:2" } }
+  - { match: "c.example", alpn: [h2, "http/1.1"], backend: { addr: "h:3" } }
+`, 'full.yaml');
+    assert.deepEqual(c.listen.map((l) => [l.host, l.port]), [['0.0.0.0', 443], ['::', 443]]);
+    assert.equal(c.server.idleTimeoutMs, 600_000);
+    assert.equal(c.server.shutdownGraceMs, 90_000);
+    assert.equal(c.server.unroutable, 'close');
+    assert.equal(c.fallback.name, 'fallback');
+    assert.deepEqual(c.fallback.addrs, ['127.0.0.1:1', '[::1]:2']);
+    assert.equal(c.routes[0].backend.proxyProtocol, 'v2');
+    assert.deepEqual(c.routes.map((r) => r.alpn), [{ kind: 'none' }, { kind: 'any' }, { kind: 'list', protocols: ['h2', 'http/1.1'] }]);
+  });
+
+  test('durations follow Go syntax', () => {
+    assert.equal(parseDuration('250ms'), 250);
+    assert.equal(parseDuration('1h2m3s'), 3_723_000);
+    assert.equal(parseDuration('1.5s'), 1500);
+    assert.equal(parseDuration('0'), 0);
+    assert.equal(parseDuration('5'), null);
+    assert.equal(parseDuration('5 s'), null);
+  });
+
+  test('an unknown key is an error naming the key and its line', () => {
+    const e = errorOf(`${ORAMA}client_helo_timeout: 5s\n`);
+    assert.equal(e.message, 'x.yaml:13:1: unknown key "client_helo_timeout" (allowed: listen, client_hello_timeout, backend_dial_timeout, max_concurrent_conns, max_conns_per_ip, idle_timeout, shutdown_grace, max_client_hello_bytes, unroutable, acme_tls_alpn, backend_cooldown, fallback, routes, admin, log, sources, certwatch, workers)');
+    const nested = errorOf(ORAMA.replace('      name: turn-tls', '      nmae: turn-tls'));
+    assert.match(nested.message, /^x\.yaml:11:7: unknown key "nmae" in routes\[0\]\.backend/);
+  });
+
+  test('a bad value points at the value', () => {
+    assert.match(errorOf(ORAMA.replace('client_hello_timeout: 5s', 'client_hello_timeout: soon')).message,
+      /^x\.yaml:2:23: client_hello_timeout must be a duration/);
+    assert.match(errorOf(ORAMA.replace('"127.0.0.1:5349"', '"127.0.0.1"')).message, /^x\.yaml:12:13: routes\[0\]\.backend\.addr: "127\.0\.0\.1" has no port/);
+    assert.match(errorOf(ORAMA.replace('"cdn.example.com"', '"cdn.*.com"')).message, /^x\.yaml:9:12: .*wildcard/);
+    assert.match(errorOf('routes: []\n').message, /fallback is required/);
+  });
+
+  test('a YAML syntax error has a position', () => {
+    assert.match(errorOf('listen: [":443"\nfallback: {}\n').message, /^x\.yaml:\d+:\d+: /);
+    assert.match(errorOf('a: 1\na: 2\n').message, /^x\.yaml:2:1: /);
+  });
+
+  test('${ENV} is replaced; an unset variable is an error at its line', () => {
+    const env = { TURN_PORT: '5349', FB: '127.0.0.1:9' };
+    const c = parseConfig(`fallback: { addr: "\${FB}" }\nmax_concurrent_conns: \${TURN_PORT}\nroutes:\n  - { match: a.b, backend: { addr: "127.0.0.1:\${TURN_PORT}" } }\n`, 'e.yaml', env);
+    assert.deepEqual(c.fallback.addrs, ['127.0.0.1:9']);
+    assert.equal(c.server.maxConcurrentConns, 5349);
+    assert.deepEqual(c.routes[0].backend.addrs, ['127.0.0.1:5349']);
+    assert.equal(errorOf('fallback: { addr: "${NOPE}" }\n').message, 'x.yaml:1:19: environment variable NOPE is not set');
+  });
+
+  test('sources and certwatch settings are validated', () => {
+    assert.match(errorOf(`${ORAMA}sources:\n  - type: postgres\n    url: "mysql://x"\n`).message, /^x\.yaml:15:10: sources\[0\]\.url must start with postgres/);
+    assert.match(errorOf(`${ORAMA}sources:\n  - type: ftp\n`).message, /^x\.yaml:14:11: sources\[0\]\.type must be one of file, postgres, redis/);
+    assert.match(errorOf(`${ORAMA}certwatch:\n  - domain: cdn.example.com\n    cert: /a\n`).message, /cert and key go together/);
+    assert.match(errorOf(`${ORAMA}certwatch:\n  - domain: c.d\n    cert: /a\n    key: /b\n    on_change: { restart: { systemd_unit: x }, exec: [a] }\n`).message, /exactly one of signal, restart, exec/);
+    const ok = parseConfig(`${ORAMA}sources:
+  - type: file
+    path: /etc/sni-router/routes.yaml
+  - type: postgres
+    url: "postgres://u:pw@db/x"
+    interval: 10s
+    listen_channel: sni_router_routes
+    query: default
+    params: { base_domain: example.com, node_id: node-1 }
+    cache_file: /var/lib/sni-router/postgres-routes.json
+  - type: redis
+    url: "redis://127.0.0.1:6379/0"
+    key: "sni-router:routes"
+    channel: "sni-router:routes"
+    resync_interval: 30s
+certwatch:
+  - name: cdn
+    domain: cdn.example.com
+    caddy_storage: /var/lib/caddy/.local/share/caddy
+    copy_to: { dir: /etc/turn/certs, mode: "0640" }
+    on_change:
+      signal: { systemd_unit: coturn.service, signal: SIGUSR2 }
+    min_interval: 30s
+`, 'x.yaml');
+    assert.deepEqual(ok.sources.map((s) => s.name), ['file', 'postgres', 'redis']);
+    assert.equal(ok.certwatch[0].copyTo?.mode, 0o640);
+    assert.deepEqual(ok.certwatch[0].onChange, { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, signal: 'SIGUSR2' });
+  });
+});
+
+describe('command line', () => {
+  function run(args: string[], env: NodeJS.ProcessEnv = {}) {
+    // A bare PATH, from another directory: bin/sni-router must find the pinned Node by itself.
+    return spawnSync(BIN, args, { cwd: '/', env: { PATH: '/usr/bin:/bin', ...env }, encoding: 'utf8', timeout: 30_000 });
+  }
+
+  test('check prints the effective static table and exits 0', () => {
+    const { dir, cleanup } = tempDir();
+    try {
+      const file = join(dir, 'c.yaml');
+      writeFileSync(file, ORAMA);
+      const r = run(['check', '--config', file]);
+      assert.equal(r.status, 0, r.stderr);
+      assert.match(r.stdout, /cdn\.example\.com -> turn-tls 127\.0\.0\.1:5349 \[config\]/);
+      assert.match(r.stdout, /fallback: caddy 127\.0\.0\.1:8443/);
+      // SNI_ROUTER_CONFIG is the default for --config.
+      assert.equal(run(['check'], { SNI_ROUTER_CONFIG: file }).status, 0);
+    } finally {
+      cleanup();
+    }
+  });
+
+  test('check on a bad file prints FILE:LINE:COL and exits 2', () => {
+    const { dir, cleanup } = tempDir();
+    try {
+      const file = join(dir, 'bad.yaml');
+      writeFileSync(file, `${ORAMA}bogus: 1\n`);
+      const r = run(['check', '-c', file]);
+      assert.equal(r.status, 2);
+      assert.equal(r.stderr.trim().split('\n')[0].startsWith(`${file}:13:1: unknown key "bogus"`), true, r.stderr);
+    } finally {
+      cleanup();
+    }
+  });
+
+  test('--version, --help, usage errors', () => {
+    const v = run(['--version']);
+    assert.equal(v.status, 0);
+    assert.match(v.stdout, /^sni-router \d+\.\d+\.\d+/);
+    const h = run(['--help']);
+    assert.equal(h.status, 0);
+    assert.match(h.stdout, /sni-router check --config FILE/);
+    assert.equal(run(['--bogus']).status, 2);
+    assert.equal(run([]).status, 2);
+  });
+
+  test('run fails with exit 1 when it cannot listen', async () => {
+    const { dir, cleanup } = tempDir();
+    const net = await import('node:net');
+    const blocker = net.createServer();
+    await new Promise<void>((r) => blocker.listen(0, '127.0.0.1', () => r()));
+    try {
+      const port = (blocker.address() as import('node:net').AddressInfo).port;
+      const file = join(dir, 'c.yaml');
+      writeFileSync(file, `listen: "127.0.0.1:${port}"\nadmin: { listen: "" }\nfallback: { addr: "127.0.0.1:9" }\n`);
+      const r = run(['--config', file]);
+      assert.equal(r.status, 1);
+      assert.match(r.stderr, /cannot listen on 127\.0\.0\.1:\d+/);
+    } finally {
+      blocker.close();
+      cleanup();
+    }
+  });
+});

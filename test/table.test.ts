@@ -1,0 +1,131 @@
+// The route table: patterns, precedence, ALPN conditions, normalization, atomic replace.
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { routeList } from '../src/config/routes.ts';
+import { RouteTable, Router, normalizeName, patternError } from '../src/router/table.ts';
+
+const fallback = { name: 'caddy', addrs: ['127.0.0.1:8443'], proxyProtocol: null };
+
+function table(routes: unknown[]): RouteTable {
+  return new RouteTable(routeList(routes, ['routes'], 'config'), fallback);
+}
+
+function to(name: string) {
+  return { name, addr: `127.0.0.1:${1000 + name.length}` };
+}
+
+function lookup(t: RouteTable, sni: string, alpn: string[] | null = null): string | null {
+  return t.lookup(normalizeName(sni), alpn)?.backend.name ?? null;
+}
+
+describe('patterns', () => {
+  const t = table([
+    { match: 'cdn.example.com', backend: to('exact') },
+    { match: '*.example.com', backend: to('one') },
+    { match: '**.example.com', backend: to('many') },
+    { match: '**.deep.example.com', backend: to('deep') },
+  ]);
+
+  test('exact beats every wildcard', () => {
+    assert.equal(lookup(t, 'cdn.example.com'), 'exact');
+  });
+  test('"*." matches exactly one more label', () => {
+    assert.equal(lookup(t, 'a.example.com'), 'one');
+  });
+  test('"**." matches one or more labels, and the longest suffix wins', () => {
+    assert.equal(lookup(t, 'a.b.example.com'), 'many');
+    assert.equal(lookup(t, 'x.deep.example.com'), 'deep');
+    assert.equal(lookup(t, 'x.y.deep.example.com'), 'deep');
+  });
+  test('a wildcard never matches its bare suffix', () => {
+    assert.equal(lookup(t, 'example.com'), null);
+    assert.equal(lookup(t, 'com'), null);
+  });
+  test('"*." comes before "**." for the same suffix', () => {
+    assert.equal(lookup(t, 'www.example.com'), 'one');
+  });
+  test('SNI and patterns compare lowercased, with one trailing dot removed', () => {
+    const t2 = table([{ match: 'CDN.Example.COM.', backend: to('exact') }]);
+    assert.equal(t2.routes[0].match, 'cdn.example.com');
+    assert.equal(lookup(t2, 'cdn.EXAMPLE.com.'), 'exact');
+    assert.equal(lookup(t2, 'cdn.example.com..'), null);
+  });
+  test('no match gives null (the fallback)', () => {
+    assert.equal(lookup(t, 'other.org'), null);
+  });
+  test('invalid patterns are refused with a reason', () => {
+    assert.match(patternError('a.*.example.com') ?? '', /wildcard is allowed only as the first label/);
+    assert.match(patternError('*') ?? '', /wildcard/);
+    assert.match(patternError('*.') ?? '', /no valid name/);
+    assert.match(patternError('bad..name') ?? '', /not a valid DNS label/);
+    assert.equal(patternError('xn--bcher-kva.example'), null);
+    assert.throws(() => table([{ match: 'foo.*', backend: to('x') }]), /wildcard/);
+  });
+});
+
+describe('ALPN conditions', () => {
+  const t = table([
+    { match: 'cdn.example.com', backend: to('plain') },
+    { match: 'cdn.example.com', alpn: 'none', backend: to('turn') },
+    { match: 'cdn.example.com', alpn: ['h2', 'http/1.1'], backend: to('web') },
+    { match: 'api.example.com', alpn: 'any', backend: to('anyalpn') },
+  ]);
+  test('for the same pattern, ALPN routes are tried first, in order, then the one without', () => {
+    assert.equal(lookup(t, 'cdn.example.com', null), 'turn');
+    assert.equal(lookup(t, 'cdn.example.com', []), 'turn');
+    assert.equal(lookup(t, 'cdn.example.com', ['http/1.1']), 'web');
+    assert.equal(lookup(t, 'cdn.example.com', ['spdy/3']), 'plain');
+  });
+  test('"any" needs at least one protocol offered', () => {
+    assert.equal(lookup(t, 'api.example.com', ['x']), 'anyalpn');
+    assert.equal(lookup(t, 'api.example.com', null), null);
+  });
+  test('the stealth example: alpn none to TURN and nothing else for that name', () => {
+    const s = table([{ match: 'cdn.example.com', alpn: 'none', backend: to('turn') }]);
+    assert.equal(lookup(s, 'cdn.example.com', null), 'turn');
+    assert.equal(lookup(s, 'cdn.example.com', ['h2', 'http/1.1']), null);
+  });
+  test('an exact route whose ALPN does not hold lets a wildcard route answer', () => {
+    const s = table([
+      { match: 'cdn.example.com', alpn: 'none', backend: to('turn') },
+      { match: '**.example.com', backend: to('web') },
+    ]);
+    assert.equal(lookup(s, 'cdn.example.com', ['h2']), 'web');
+  });
+});
+
+describe('table construction', () => {
+  test('on the same match and alpn the first route wins and the conflict is reported', () => {
+    const t = new RouteTable([
+      ...routeList([{ match: 'a.example.com', backend: to('first') }], ['r'], 'config'),
+      ...routeList([{ match: 'A.example.com.', backend: to('second') }], ['r'], 'redis'),
+      ...routeList([{ match: 'a.example.com', alpn: 'none', backend: to('third') }], ['r'], 'redis'),
+    ], fallback);
+    assert.equal(t.routes.length, 2);
+    assert.equal(t.conflicts.length, 1);
+    assert.equal(t.conflicts[0].winner.source, 'config');
+    assert.equal(t.conflicts[0].loser.backend.name, 'second');
+  });
+
+  test('a 100,000-route table answers exact and wildcard lookups', () => {
+    const routes = [];
+    for (let i = 0; i < 100_000; i++) routes.push({ match: i % 2 ? `ns${i}.example.com` : `*.ns${i}.example.net`, backend: to(`b${i}`) });
+    const t = table(routes);
+    assert.equal(lookup(t, 'ns99999.example.com'), 'b99999');
+    assert.equal(lookup(t, 'x.ns4.example.net'), 'b4');
+    assert.equal(lookup(t, 'nope.example.com'), null);
+  });
+
+  test('Router.replace swaps atomically and counts generations', () => {
+    const r = new Router(table([{ match: 'a.b', backend: to('old') }]));
+    const before = r.table;
+    const seen: number[] = [];
+    r.onReplace((_t, g) => seen.push(g));
+    const gen = r.replace(table([{ match: 'a.b', backend: to('new') }]));
+    assert.equal(gen, 2);
+    assert.deepEqual(seen, [2]);
+    // A connection that looked the old table up keeps what it got.
+    assert.equal(before.lookup('a.b', null)?.backend.name, 'old');
+    assert.equal(r.table.lookup('a.b', null)?.backend.name, 'new');
+  });
+});
