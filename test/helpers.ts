@@ -230,6 +230,12 @@ export async function rawExchange(port: number, pieces: readonly Buffer[], opts:
       resolve(Buffer.concat(got));
     }, opts.timeoutMs ?? 5000);
     s.on('data', (d) => got.push(d));
+    // The peer's FIN ends the exchange (the socket is half-open, so 'close' alone would wait).
+    s.on('end', () => {
+      clearTimeout(timer);
+      s.destroy();
+      resolve(Buffer.concat(got));
+    });
     s.on('close', () => {
       clearTimeout(timer);
       resolve(Buffer.concat(got));

@@ -1,0 +1,646 @@
+// The data plane over real sockets: real TLS clients (node:tls, openssl), byte-exact relay, the
+// stealth rule, PROXY headers, half-close, limits, failover, and live table replacement.
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import net from 'node:net';
+import { after, before, describe, test } from 'node:test';
+import { parseConfig } from '../src/config/load.ts';
+import { RouteTable } from '../src/router/table.ts';
+import {
+  type CertPair, makeCert, rawExchange, recordingBackend, sleep, startRouter, tempDir, tlsBackend, tlsHello, waitFor,
+} from './helpers.ts';
+import {
+  buildHello, captureNodeHello, captureOpensslHello, chromiumHttps, chromiumTurn, handshakeBytes, toRecords,
+} from './support/hellos.ts';
+
+let dir: string;
+let cleanupDir: () => void;
+let turnCert: CertPair;
+let webCert: CertPair;
+
+before(() => {
+  ({ dir, cleanup: cleanupDir } = tempDir());
+  turnCert = makeCert(dir, 'cdn.example.com');
+  webCert = makeCert(dir, 'www.example.com');
+});
+after(() => cleanupDir());
+
+function opensslClient(port: number, servername: string | null, alpn?: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const args = ['s_client', '-connect', `127.0.0.1:${port}`, '-ign_eof'];
+    if (servername === null) args.push('-noservername');
+    else args.push('-servername', servername);
+    if (alpn !== undefined) args.push('-alpn', alpn);
+    const child = spawn('openssl', args, { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d) => {
+      out += d.toString();
+      // The backend greets, then echoes; once the echo is back we are done.
+      if (out.includes('ping-through-router')) child.kill('SIGTERM');
+    });
+    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+    child.on('error', reject);
+    child.on('close', () => {
+      clearTimeout(timer);
+      resolve(out);
+    });
+    setTimeout(() => child.stdin.write('ping-through-router\n'), 300);
+  });
+}
+
+describe('routing real TLS clients', () => {
+  test('node:tls with servername X reaches the backend whose certificate names X; without SNI the fallback', async () => {
+    const turn = await tlsBackend('turn', turnCert);
+    const web = await tlsBackend('web', webCert, { alpn: ['h2', 'http/1.1'] });
+    const r = await startRouter(`
+fallback: { name: caddy, addr: "127.0.0.1:${web.port}" }
+routes:
+  - match: cdn.example.com
+    backend: { name: turn, addr: "127.0.0.1:${turn.port}" }
+`);
+    try {
+      const a = await tlsHello(r.port, 'cdn.example.com');
+      assert.equal(a.peerCertSubject, 'cdn.example.com');
+      assert.match(a.line, /^turn sni=|^turn alpn=none sni=cdn\.example\.com$/);
+      const b = await tlsHello(r.port, 'CDN.example.com.');
+      assert.equal(b.peerCertSubject, 'cdn.example.com');
+      const c = await tlsHello(r.port, undefined);
+      assert.equal(c.peerCertSubject, 'www.example.com');
+      assert.equal(c.line, 'web alpn=none sni=none');
+      const d = await tlsHello(r.port, 'unknown.example.org', ['h2']);
+      assert.equal(d.line, 'web alpn=h2 sni=unknown.example.org');
+    } finally {
+      await r.stop();
+      await turn.close();
+      await web.close();
+    }
+  });
+
+  test('openssl s_client with servername X completes a handshake with X\'s backend; without SNI the fallback', async () => {
+    const turn = await tlsBackend('turn', turnCert);
+    const web = await tlsBackend('web', webCert);
+    const r = await startRouter(`
+fallback: { name: caddy, addr: "127.0.0.1:${web.port}" }
+routes:
+  - { match: cdn.example.com, backend: { name: turn, addr: "127.0.0.1:${turn.port}" } }
+`);
+    try {
+      const a = await opensslClient(r.port, 'cdn.example.com');
+      assert.match(a, /subject=\s*CN\s*=\s*cdn\.example\.com/);
+      assert.match(a, /^turn alpn=none sni=cdn\.example\.com$/m);
+      assert.match(a, /ping-through-router/);
+      const b = await opensslClient(r.port, null);
+      assert.match(b, /subject=\s*CN\s*=\s*www\.example\.com/);
+      assert.match(b, /^web alpn=none sni=none$/m);
+    } finally {
+      await r.stop();
+      await turn.close();
+      await web.close();
+    }
+  });
+
+  test('stealth: alpn none → TURN; a browser offering h2 → fallback; acme-tls/1 → fallback', async () => {
+    const turn = await tlsBackend('turn', turnCert, { alpn: ['acme-tls/1'] });
+    const web = await tlsBackend('web', webCert, { alpn: ['h2', 'http/1.1', 'acme-tls/1'] });
+    const r = await startRouter(`
+fallback: { name: caddy, addr: "127.0.0.1:${web.port}" }
+routes:
+  - { match: cdn.example.com, alpn: none, backend: { name: turn, addr: "127.0.0.1:${turn.port}" } }
+  - { match: acme.example.com, backend: { name: turn, addr: "127.0.0.1:${turn.port}" } }
+`);
+    try {
+      assert.match((await tlsHello(r.port, 'cdn.example.com')).line, /^turn /);
+      assert.match((await tlsHello(r.port, 'cdn.example.com', ['h2', 'http/1.1'])).line, /^web alpn=h2 /);
+      assert.match((await tlsHello(r.port, 'cdn.example.com', ['http/1.1'])).line, /^web alpn=http\/1\.1 /);
+      assert.match((await tlsHello(r.port, 'acme.example.com', ['acme-tls/1'])).line, /^web alpn=acme-tls\/1 sni=acme\.example\.com/);
+      assert.match((await tlsHello(r.port, 'acme.example.com')).line, /^turn /);
+    } finally {
+      await r.stop();
+      await turn.close();
+      await web.close();
+    }
+  });
+
+  test('acme_tls_alpn: route sends acme-tls/1 by the normal rules', async () => {
+    const turn = await tlsBackend('turn', turnCert, { alpn: ['acme-tls/1'] });
+    const web = await tlsBackend('web', webCert, { alpn: ['acme-tls/1'] });
+    const r = await startRouter(`
+acme_tls_alpn: route
+fallback: { name: caddy, addr: "127.0.0.1:${web.port}" }
+routes:
+  - { match: cdn.example.com, backend: { name: turn, addr: "127.0.0.1:${turn.port}" } }
+`);
+    try {
+      assert.match((await tlsHello(r.port, 'cdn.example.com', ['acme-tls/1'])).line, /^turn alpn=acme-tls\/1/);
+    } finally {
+      await r.stop();
+      await turn.close();
+      await web.close();
+    }
+  });
+
+  test('IPv6: listens on [::1] and routes', async () => {
+    const turn = await tlsBackend('turn', turnCert, { host: '::1' });
+    const r = await startRouter(`
+listen: ["[::1]:0"]
+fallback: { addr: "[::1]:${turn.port}" }
+`);
+    try {
+      assert.equal(r.app.listenAddresses[0].family, 'IPv6');
+      assert.match((await tlsHello(r.port, 'cdn.example.com', undefined, '::1')).line, /^turn /);
+    } finally {
+      await r.stop();
+      await turn.close();
+    }
+  });
+});
+
+describe('relay is byte-exact', () => {
+  test('the backend receives byte for byte what the client sent: real hellos, one byte per write, re-split records', async () => {
+    const rec = await recordingBackend({ replyOnEnd: 'bye' });
+    const r = await startRouter(`
+fallback: { addr: "127.0.0.1:1" }
+routes:
+  - { match: "**.example.com", backend: { name: rec, addr: "127.0.0.1:${rec.port}" } }
+  - { match: "cdn.example.com", backend: { name: rec, addr: "127.0.0.1:${rec.port}" } }
+`);
+    try {
+      const tail = Buffer.from('\x17\x03\x03\x00\x05after');
+      const node = await captureNodeHello('node.example.com', ['h2']);
+      const openssl = await captureOpensslHello('openssl.example.com');
+      const cases: Array<{ name: string; pieces: Buffer[] }> = [];
+      for (const [name, flight] of [['chromium-https', chromiumHttps()], ['chromium-turn', chromiumTurn()], ['node', node], ['openssl', openssl]] as const) {
+        cases.push({ name: `${name} in one write`, pieces: [Buffer.concat([flight, tail])] });
+      }
+      const f = chromiumHttps();
+      cases.push({ name: 'one byte per write', pieces: [...f].map((b) => Buffer.from([b])).concat([tail]) });
+      const tiny = toRecords(handshakeBytes(f), new Array(200).fill(1).concat([37, 5, 900]));
+      cases.push({ name: 'many small records, cut in 7-byte writes', pieces: [...Array(Math.ceil(tiny.length / 7)).keys()].map((i) => tiny.subarray(i * 7, i * 7 + 7)) });
+      for (const c of cases) {
+        const before = rec.conns.length;
+        const reply = await rawExchange(r.port, c.pieces, { gapMs: c.pieces.length > 100 ? 0 : 2 });
+        await waitFor(() => rec.conns.length > before && rec.conns[before].ended, 5000, c.name);
+        const sent = Buffer.concat(c.pieces);
+        assert.ok(rec.conns[before].bytes.equals(sent), `${c.name}: backend got ${rec.conns[before].bytes.length} bytes, client sent ${sent.length}`);
+        assert.equal(reply.toString(), 'bye', c.name);
+      }
+    } finally {
+      await r.stop();
+      await rec.close();
+    }
+  });
+
+  test('half-close: the client ends its side and still receives the backend\'s whole reply', async () => {
+    const big = Buffer.alloc(4 * 1024 * 1024, 'x');
+    const rec = await recordingBackend({ replyOnEnd: big });
+    const r = await startRouter(`fallback: { addr: "127.0.0.1:${rec.port}" }\n`);
+    try {
+      const hello = buildHello({ sni: 'half.example.com' });
+      const reply = await rawExchange(r.port, [hello, Buffer.from('request body')], { timeoutMs: 15_000 });
+      assert.equal(reply.length, big.length);
+      await waitFor(() => rec.conns[0]?.ended === true);
+      assert.ok(rec.conns[0].bytes.equals(Buffer.concat([hello, Buffer.from('request body')])));
+    } finally {
+      await r.stop();
+      await rec.close();
+    }
+  });
+
+  test('backpressure: a slow reader gets every byte of a large transfer, in order', async () => {
+    const size = 16 * 1024 * 1024;
+    const payload = Buffer.alloc(size);
+    for (let i = 0; i < size; i += 4) payload.writeUInt32BE(i / 4, i);
+    const rec = await recordingBackend({ reply: payload });
+    const r = await startRouter(`fallback: { addr: "127.0.0.1:${rec.port}" }\n`);
+    try {
+      const got = await new Promise<Buffer>((resolve, reject) => {
+        const s = net.connect({ host: '127.0.0.1', port: r.port });
+        const parts: Buffer[] = [];
+        let n = 0;
+        s.on('data', (d) => {
+          parts.push(d);
+          n += d.length;
+          // Read slowly at first so the router must hold the backend back.
+          if (parts.length < 20) {
+            s.pause();
+            setTimeout(() => s.resume(), 20);
+          }
+          if (n >= size) {
+            s.destroy();
+            resolve(Buffer.concat(parts));
+          }
+        });
+        s.on('error', reject);
+        s.write(buildHello({ sni: 'bp.example.com' }));
+      });
+      assert.ok(got.equals(payload));
+    } finally {
+      await r.stop();
+      await rec.close();
+    }
+  });
+});
+
+describe('PROXY protocol', () => {
+  function parseV1(b: Buffer) {
+    const end = b.indexOf('\r\n');
+    const [sig, fam, src, dst, sport, dport] = b.subarray(0, end).toString('latin1').split(' ');
+    return { sig, fam, src, dst, sport: Number(sport), dport: Number(dport), rest: b.subarray(end + 2) };
+  }
+  function parseV2(b: Buffer) {
+    assert.ok(b.subarray(0, 12).equals(Buffer.from('0d0a0d0a000d0a515549540a', 'hex')), 'v2 signature');
+    assert.equal(b[12], 0x21, 'version 2, PROXY command');
+    const fam = b[13];
+    const len = b.readUInt16BE(14);
+    const body = b.subarray(16, 16 + len);
+    if (fam === 0x11) {
+      return {
+        fam, src: [...body.subarray(0, 4)].join('.'), dst: [...body.subarray(4, 8)].join('.'),
+        sport: body.readUInt16BE(8), dport: body.readUInt16BE(10), rest: b.subarray(16 + len),
+      };
+    }
+    assert.equal(fam, 0x21, 'TCP over IPv6');
+    const v6 = (x: Buffer) => [...Array(8).keys()].map((i) => x.readUInt16BE(i * 2).toString(16)).join(':');
+    return { fam, src: v6(body.subarray(0, 16)), dst: v6(body.subarray(16, 32)), sport: body.readUInt16BE(32), dport: body.readUInt16BE(34), rest: b.subarray(16 + len) };
+  }
+
+  async function through(version: 'v1' | 'v2', host: string) {
+    const rec = await recordingBackend({ host });
+    const listen = host === '::1' ? '[::1]:0' : '127.0.0.1:0';
+    const addr = host === '::1' ? `[::1]:${rec.port}` : `127.0.0.1:${rec.port}`;
+    const r = await startRouter(`listen: "${listen}"\nfallback: { addr: "${addr}", proxy_protocol: ${version} }\n`);
+    try {
+      const hello = chromiumTurn();
+      const client = net.connect({ host, port: r.port });
+      await new Promise((res) => client.on('connect', res));
+      client.write(hello);
+      await waitFor(() => rec.conns.length === 1 && rec.conns[0].bytes.length >= hello.length + 16);
+      const info = { clientPort: client.localPort!, routerPort: r.port, bytes: rec.conns[0].bytes, hello };
+      client.destroy();
+      return info;
+    } finally {
+      await r.stop();
+      await rec.close();
+    }
+  }
+
+  test('v1 over IPv4 carries the client\'s address and port, then the client\'s bytes', async () => {
+    const { clientPort, routerPort, bytes, hello } = await through('v1', '127.0.0.1');
+    const p = parseV1(bytes);
+    assert.deepEqual([p.sig, p.fam, p.src, p.dst, p.sport, p.dport], ['PROXY', 'TCP4', '127.0.0.1', '127.0.0.1', clientPort, routerPort]);
+    assert.ok(p.rest.equals(hello));
+  });
+
+  test('v2 over IPv4 is byte-correct', async () => {
+    const { clientPort, routerPort, bytes, hello } = await through('v2', '127.0.0.1');
+    const p = parseV2(bytes);
+    assert.deepEqual([p.fam, p.src, p.dst, p.sport, p.dport], [0x11, '127.0.0.1', '127.0.0.1', clientPort, routerPort]);
+    assert.ok(p.rest.equals(hello));
+  });
+
+  test('v1 and v2 over IPv6', async () => {
+    const a = await through('v1', '::1');
+    const p1 = parseV1(a.bytes);
+    assert.deepEqual([p1.fam, p1.src, p1.dst, p1.sport, p1.dport], ['TCP6', '::1', '::1', a.clientPort, a.routerPort]);
+    const b = await through('v2', '::1');
+    const p2 = parseV2(b.bytes);
+    assert.deepEqual([p2.src, p2.dst, p2.sport, p2.dport], ['0:0:0:0:0:0:0:1', '0:0:0:0:0:0:0:1', b.clientPort, b.routerPort]);
+    assert.ok(p2.rest.equals(b.hello));
+  });
+});
+
+describe('the stealth rule: unroutable goes to the fallback with its bytes', () => {
+  test('an HTTP request, garbage, and a silent client all reach the fallback with their bytes', async () => {
+    const rec = await recordingBackend({ replyOnEnd: 'HTTP/1.1 400 Bad Request\r\n\r\n' });
+    const r = await startRouter(`client_hello_timeout: 300ms\nfallback: { addr: "127.0.0.1:${rec.port}" }\n`);
+    try {
+      const http = Buffer.from('GET / HTTP/1.1\r\nHost: cdn.example.com\r\n\r\n');
+      const reply = await rawExchange(r.port, [http]);
+      assert.equal(reply.toString(), 'HTTP/1.1 400 Bad Request\r\n\r\n');
+      const garbage = Buffer.from([0x16, 0x03, 0x01, 0x00, 0x04, 0x09, 0x00, 0x00, 0x00, 0xff, 0xfe]);
+      await rawExchange(r.port, [garbage]);
+      // Silent past the timeout: the fallback gets the connection (with nothing) and the client's later bytes.
+      const silent = net.connect({ host: '127.0.0.1', port: r.port });
+      await new Promise((res) => silent.on('connect', res));
+      await waitFor(() => rec.conns.length === 3, 3000, 'the silent client to reach the fallback');
+      silent.end('late bytes');
+      // A partial hello, then silence: forwarded as it is.
+      const partial = chromiumHttps().subarray(0, 700);
+      const partialReply = await rawExchange(r.port, [partial], { end: false, timeoutMs: 2000 });
+      await waitFor(() => rec.conns.length === 4 && rec.conns[2].ended);
+      assert.ok(rec.conns[0].bytes.equals(http));
+      assert.ok(rec.conns[1].bytes.equals(garbage));
+      assert.equal(rec.conns[2].bytes.toString(), 'late bytes');
+      await waitFor(() => rec.conns[3].bytes.length === 700);
+      assert.ok(rec.conns[3].bytes.equals(partial));
+      assert.equal(partialReply.length, 0, 'the router itself never speaks');
+      assert.equal(await r.metric('sni_router_client_hello_failures_total', { reason: 'not_tls' }), 1);
+      assert.equal(await r.metric('sni_router_client_hello_failures_total', { reason: 'malformed' }), 1);
+      assert.equal(await r.metric('sni_router_client_hello_failures_total', { reason: 'timeout' }), 2);
+    } finally {
+      await r.stop();
+      await rec.close();
+    }
+  });
+
+  test('unroutable: close closes them without a byte, and the fallback sees nothing', async () => {
+    const rec = await recordingBackend();
+    const turn = await tlsBackend('turn', turnCert);
+    const r = await startRouter(`
+client_hello_timeout: 300ms
+unroutable: close
+fallback: { addr: "127.0.0.1:${rec.port}" }
+routes:
+  - { match: cdn.example.com, backend: { name: turn, addr: "127.0.0.1:${turn.port}" } }
+`);
+    try {
+      assert.equal((await rawExchange(r.port, [Buffer.from('GET / HTTP/1.0\r\n\r\n')], { end: false })).length, 0);
+      assert.equal((await rawExchange(r.port, [buildHello({ sni: 'other.example.com' })], { end: false })).length, 0);
+      assert.equal((await rawExchange(r.port, [buildHello({ sni: null })], { end: false })).length, 0);
+      assert.equal((await rawExchange(r.port, [], { end: false })).length, 0);
+      assert.match((await tlsHello(r.port, 'cdn.example.com')).line, /^turn /);
+      await sleep(100);
+      assert.equal(rec.conns.length, 0);
+      assert.equal(await r.metric('sni_router_connections_total', { route: 'fallback', result: 'closed' }), 4);
+    } finally {
+      await r.stop();
+      await rec.close();
+      await turn.close();
+    }
+  });
+
+  test('fallback down: the connection is closed and the process keeps serving', async () => {
+    const closedPort = await freePort();
+    const turn = await tlsBackend('turn', turnCert);
+    const r = await startRouter(`
+fallback: { name: caddy, addr: "127.0.0.1:${closedPort}" }
+routes:
+  - { match: cdn.example.com, backend: { name: turn, addr: "127.0.0.1:${turn.port}" } }
+`);
+    try {
+      for (let i = 0; i < 5; i++) {
+        assert.equal((await rawExchange(r.port, [Buffer.from('GET / HTTP/1.0\r\n\r\n')], { end: false })).length, 0);
+      }
+      assert.match((await tlsHello(r.port, 'cdn.example.com')).line, /^turn /);
+      assert.equal(await r.metric('sni_router_connections_total', { route: 'fallback', result: 'dial_failed' }), 5);
+      assert.ok(await r.metric('sni_router_backend_dial_failures_total', { backend: 'caddy' }) >= 1);
+      assert.ok(r.logs.some((l) => l.msg === 'backend dial failed' && l.level === 'warn'));
+    } finally {
+      await r.stop();
+      await turn.close();
+    }
+  });
+});
+
+async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', () => r()));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+describe('backends and limits', () => {
+  test('a dial failure on the first of addrs falls over to the second, and the failed one cools down', async () => {
+    const dead = await freePort();
+    const turn = await tlsBackend('turn', turnCert);
+    const r = await startRouter(`
+fallback: { addr: "127.0.0.1:9" }
+routes:
+  - { match: cdn.example.com, backend: { name: turn, addrs: ["127.0.0.1:${dead}", "127.0.0.1:${turn.port}"] } }
+`);
+    try {
+      assert.match((await tlsHello(r.port, 'cdn.example.com')).line, /^turn /);
+      assert.equal(await r.metric('sni_router_backend_dial_failures_total', { backend: 'turn' }), 1);
+      for (let i = 0; i < 3; i++) assert.match((await tlsHello(r.port, 'cdn.example.com')).line, /^turn /);
+      // In cooldown the dead address is skipped: no new failures.
+      assert.equal(await r.metric('sni_router_backend_dial_failures_total', { backend: 'turn' }), 1);
+      const view = r.app.routesView() as { routes: Array<{ backend: { health: Array<{ healthy: boolean }> } }> };
+      assert.deepEqual(view.routes[0].backend.health.map((h) => h.healthy), [false, true]);
+    } finally {
+      await r.stop();
+      await turn.close();
+    }
+  });
+
+  test('a backend that never completes the dial is given up after backend_dial_timeout, and the next address is tried', async () => {
+    // A loopback listener that never accepts, its backlog filled: further SYNs are dropped, so a
+    // dial hangs until the router's timeout fires.
+    const stuck = spawn('python3', ['-c', [
+      'import socket, sys, time',
+      's = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(0)',
+      'print(s.getsockname()[1], flush=True)',
+      'fill = []',
+      'for _ in range(4):',
+      '    c = socket.socket(); c.setblocking(False); c.connect_ex(s.getsockname()); fill.append(c)',
+      'time.sleep(0.3)',
+      'print("full", flush=True)',
+      'time.sleep(60)',
+    ].join('\n')], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let out = '';
+    stuck.stdout.on('data', (d) => {
+      out += d.toString();
+    });
+    const turn = await tlsBackend('turn', turnCert);
+    try {
+      await waitFor(() => out.includes('full'), 10_000, 'the stuck listener');
+      const stuckPort = Number(out.split('\n')[0]);
+      const r = await startRouter(`
+backend_dial_timeout: 300ms
+fallback: { addr: "127.0.0.1:9" }
+routes:
+  - { match: cdn.example.com, backend: { name: turn, addrs: ["127.0.0.1:${stuckPort}", "127.0.0.1:${turn.port}"] } }
+`);
+      try {
+        const t0 = Date.now();
+        assert.match((await tlsHello(r.port, 'cdn.example.com')).line, /^turn /);
+        const took = Date.now() - t0;
+        assert.ok(took >= 250, `took ${took} ms: the first address cannot have been tried`);
+        assert.equal(await r.metric('sni_router_backend_dial_failures_total', { backend: 'turn' }), 1);
+        assert.ok(r.logs.some((l) => l.msg === 'backend dial failed' && l.err === 'ETIMEDOUT'));
+      } finally {
+        await r.stop();
+      }
+    } finally {
+      stuck.kill('SIGKILL');
+      await turn.close();
+    }
+  });
+
+  test('over max_concurrent_conns new connections close at once and existing ones keep working', async () => {
+    const turn = await tlsBackend('turn', turnCert);
+    const r = await startRouter(`
+max_concurrent_conns: 3
+fallback: { addr: "127.0.0.1:${turn.port}" }
+`);
+    const tls = await import('node:tls');
+    const held: import('node:tls').TLSSocket[] = [];
+    try {
+      for (let i = 0; i < 3; i++) {
+        const s = tls.connect({ host: '127.0.0.1', port: r.port, servername: 'cdn.example.com', rejectUnauthorized: false });
+        await new Promise((res) => s.once('data', res));
+        held.push(s);
+      }
+      const extra = await rawExchange(r.port, [buildHello({ sni: 'cdn.example.com' })], { end: false });
+      assert.equal(extra.length, 0);
+      assert.equal(await r.metric('sni_router_connection_limit_rejections_total', { scope: 'global' }), 1);
+      for (const s of held) {
+        const echoed = new Promise<string>((res) => s.once('data', (d) => res(d.toString())));
+        s.write('still here');
+        assert.equal(await echoed, 'still here');
+      }
+      assert.ok(r.logs.some((l) => l.msg === 'connection limit reached' && l.level === 'warn'));
+    } finally {
+      for (const s of held) s.destroy();
+      await r.stop();
+      await turn.close();
+    }
+  });
+
+  test('max_conns_per_ip limits one address; the per-IP table empties as connections close', async () => {
+    const rec = await recordingBackend();
+    const r = await startRouter(`max_conns_per_ip: 2\nfallback: { addr: "127.0.0.1:${rec.port}" }\n`);
+    const socks: net.Socket[] = [];
+    try {
+      for (let i = 0; i < 2; i++) {
+        const s = net.connect({ host: '127.0.0.1', port: r.port });
+        await new Promise((res) => s.on('connect', res));
+        s.write('GET / HTTP/1.0\r\n\r\n');
+        socks.push(s);
+      }
+      await rec.waitConns(2);
+      assert.equal((await rawExchange(r.port, [Buffer.from('x')], { end: false })).length, 0);
+      assert.equal(await r.metric('sni_router_connection_limit_rejections_total', { scope: 'per_ip' }), 1);
+      // Another loopback address is another client.
+      const other = net.connect({ host: '127.0.0.1', port: r.port, localAddress: '127.0.0.2' });
+      await new Promise((res) => other.on('connect', res));
+      other.write('GET / HTTP/1.0\r\n\r\n');
+      await rec.waitConns(3);
+      other.destroy();
+      for (const s of socks) s.destroy();
+      await waitFor(() => r.app.server.activeConnections === 0);
+      assert.equal(r.app.server.trackedClientAddresses, 0);
+    } finally {
+      for (const s of socks) s.destroy();
+      await r.stop();
+      await rec.close();
+    }
+  });
+
+  test('a thousand clients trickling a byte a second do not starve real ones, and time out to the fallback', async () => {
+    const rec = await recordingBackend();
+    const turn = await tlsBackend('turn', turnCert);
+    const r = await startRouter(`
+client_hello_timeout: 2s
+fallback: { addr: "127.0.0.1:${rec.port}" }
+routes:
+  - { match: cdn.example.com, backend: { name: turn, addr: "127.0.0.1:${turn.port}" } }
+`);
+    const tricklers: net.Socket[] = [];
+    const hello = chromiumHttps();
+    let timer: NodeJS.Timeout | null = null;
+    try {
+      for (let i = 0; i < 1000; i++) {
+        const s = net.connect({ host: '127.0.0.1', port: r.port, noDelay: true });
+        s.on('error', () => {});
+        tricklers.push(s);
+      }
+      let sent = 0;
+      const trickle = () => {
+        for (const s of tricklers) if (!s.destroyed) s.write(hello.subarray(sent, sent + 1));
+        sent++;
+      };
+      trickle();
+      timer = setInterval(trickle, 1000);
+      await waitFor(() => r.app.server.activeConnections >= 1000, 10_000, 'tricklers accepted');
+      const t0 = Date.now();
+      for (let i = 0; i < 5; i++) assert.match((await tlsHello(r.port, 'cdn.example.com')).line, /^turn /);
+      assert.ok(Date.now() - t0 < 3000, `real clients took ${Date.now() - t0} ms`);
+      // After client_hello_timeout every trickler is handed to the fallback with the bytes it sent.
+      await waitFor(() => rec.conns.length >= 1000, 15_000, 'tricklers forwarded to the fallback');
+      assert.ok(rec.conns.every((c) => hello.subarray(0, c.bytes.length).equals(c.bytes)));
+    } finally {
+      if (timer) clearInterval(timer);
+      for (const s of tricklers) s.destroy();
+      await r.stop();
+      await rec.close();
+      await turn.close();
+    }
+  });
+
+  test('idle_timeout closes a relay with no traffic either way', async () => {
+    const rec = await recordingBackend();
+    const r = await startRouter(`idle_timeout: 300ms\nfallback: { addr: "127.0.0.1:${rec.port}" }\n`);
+    try {
+      const t0 = Date.now();
+      await rawExchange(r.port, [Buffer.from('GET / HTTP/1.0\r\n\r\n')], { end: false, timeoutMs: 5000 });
+      const took = Date.now() - t0;
+      assert.ok(took >= 250 && took < 3000, `closed after ${took} ms`);
+      await waitFor(async () => (await r.metric('sni_router_connections_total', { result: 'idle_timeout' })) === 1);
+    } finally {
+      await r.stop();
+      await rec.close();
+    }
+  });
+});
+
+describe('live table replacement', () => {
+  test('1,000 connections in flight while the table is replaced 100 times: none breaks, new ones follow the new table', async () => {
+    const a = await recordingBackend({ reply: 'A' });
+    const b = await recordingBackend({ reply: 'B' });
+    const fb = await recordingBackend({ reply: 'F' });
+    const r = await startRouter(`
+max_concurrent_conns: 5000
+fallback: { addr: "127.0.0.1:${fb.port}" }
+routes:
+  - { match: live.example.com, backend: { name: a, addr: "127.0.0.1:${a.port}" } }
+`);
+    const tableFor = (port: number, name: string) => {
+      const c = parseConfig(`fallback: { addr: "127.0.0.1:${fb.port}" }\nroutes:\n  - { match: live.example.com, backend: { name: ${name}, addr: "127.0.0.1:${port}" } }\n`, 't.yaml');
+      return new RouteTable(c.routes, c.fallback);
+    };
+    const socks: net.Socket[] = [];
+    try {
+      const hello = buildHello({ sni: 'live.example.com' });
+      const greetings: string[] = new Array(1000).fill('');
+      let replaced = 0;
+      const replacer = setInterval(() => {
+        if (replaced < 100) {
+          replaced++;
+          r.app.router.replace(replaced % 2 ? tableFor(b.port, 'b') : tableFor(a.port, 'a'));
+        }
+      }, 5);
+      await Promise.all([...Array(1000).keys()].map(async (i) => {
+        const s = net.connect({ host: '127.0.0.1', port: r.port });
+        socks.push(s);
+        s.on('error', (err) => assert.fail(`connection ${i} broke: ${err.message}`));
+        s.on('data', (d) => {
+          greetings[i] += d.toString();
+        });
+        await new Promise((res) => s.on('connect', res));
+        s.write(hello);
+      }));
+      await waitFor(() => greetings.every((g) => g.length >= 1), 20_000, 'every connection greeted');
+      await waitFor(() => replaced === 100, 5000);
+      clearInterval(replacer);
+      assert.ok(greetings.every((g) => g === 'A' || g === 'B'), 'every connection reached a route backend');
+      // Every connection is still alive and relays both ways.
+      const backends = [...a.conns, ...b.conns];
+      assert.equal(backends.length, 1000);
+      for (const c of backends) c.socket.write('ping');
+      await waitFor(() => greetings.every((g) => g.endsWith('ping')), 10_000, 'relay after the churn');
+      assert.ok(socks.every((s) => !s.destroyed));
+      // After the last replace (even count → a), new connections follow the new table.
+      r.app.router.replace(tableFor(b.port, 'b'));
+      const reply = await rawExchange(r.port, [hello], { end: false, timeoutMs: 500 });
+      assert.equal(reply.toString(), 'B');
+      assert.equal(r.app.router.generation, 1 + 1 + 100 + 1);
+    } finally {
+      for (const s of socks) s.destroy();
+      await r.stop();
+      await a.close();
+      await b.close();
+      await fb.close();
+    }
+  });
+});
