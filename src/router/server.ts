@@ -7,6 +7,7 @@
 //
 // The stealth rule lives here: the router never writes a byte of its own to a client. Whatever it
 // cannot route goes to the fallback with its bytes, or is closed under `unroutable: close`.
+import { readFileSync } from 'node:fs';
 import net, { type AddressInfo } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import type { ListenAddress, ServerSettings } from '../config/types.ts';
@@ -78,6 +79,7 @@ export class RouterServer {
   }
 
   async listen(addrs: readonly ListenAddress[], opts: { reusePort?: boolean } = {}): Promise<AddressInfo[]> {
+    this.#checkDescriptorLimit();
     const bound: AddressInfo[] = [];
     for (const addr of addrs) {
       const server = net.createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: false });
@@ -103,7 +105,9 @@ export class RouterServer {
   /** Stops accepting, lets open connections finish for up to graceMs, then closes the rest. */
   async drain(graceMs: number): Promise<void> {
     this.#draining = true;
-    await Promise.all(this.#listeners.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))));
+    // close() stops accepting at once; its callback would wait for every open connection, which
+    // is what the grace period below bounds, so it is not awaited.
+    for (const s of this.#listeners) s.close();
     const deadline = Date.now() + graceMs;
     while (this.#conns.size > 0 && Date.now() < deadline) {
       await new Promise((r) => setTimeout(r, Math.min(50, Math.max(1, deadline - Date.now()))));
@@ -111,6 +115,19 @@ export class RouterServer {
     if (this.#conns.size > 0) {
       this.logger.info({ open: this.#conns.size }, 'shutdown grace over, closing remaining connections');
       for (const c of [...this.#conns]) c.abort('shutdown');
+    }
+  }
+
+  /**
+   * Each relayed connection holds two descriptors. A limit below what max_concurrent_conns needs
+   * is survivable (EMFILE is shed, not fatal) but is a misconfiguration worth a warning at start.
+   */
+  #checkDescriptorLimit(): void {
+    const soft = openFileLimit();
+    const needed = this.settings.maxConcurrentConns * 2 + 64;
+    if (soft !== null && this.settings.maxConcurrentConns > 0 && soft < needed) {
+      this.logger.warn({ limit: soft, needed, max_concurrent_conns: this.settings.maxConcurrentConns },
+        'file descriptor limit is low for max_concurrent_conns');
     }
   }
 
@@ -206,6 +223,17 @@ export class RouterServer {
 }
 
 function noop(): void {}
+
+/** The soft RLIMIT_NOFILE from /proc (Linux); null where it cannot be read. */
+function openFileLimit(): number | null {
+  try {
+    const m = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync('/proc/self/limits', 'utf8'));
+    if (m === null) return null;
+    return m[1] === 'unlimited' ? Number.MAX_SAFE_INTEGER : Number(m[1]);
+  } catch {
+    return null;
+  }
+}
 
 /** Where a connection stands; plain numbers so the checks on the hot path stay cheap. */
 const Phase = { Hello: 0, Dialing: 1, Relaying: 2, Done: 3 } as const;

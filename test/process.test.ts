@@ -1,0 +1,231 @@
+// The router as operators run it: bin/sni-router as a process, with signals (SIGTERM/SIGINT drain,
+// SIGHUP reload) and hostile conditions (out of file descriptors).
+import assert from 'node:assert/strict';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import {
+  type CertPair, makeCert, rawExchange, recordingBackend, sleep, tempDir, tlsBackend, tlsHello, waitFor,
+} from './helpers.ts';
+import { buildHello } from './support/hellos.ts';
+
+const BIN = join(import.meta.dirname, '..', 'bin', 'sni-router');
+
+let dir: string;
+let cleanupDir: () => void;
+let cert: CertPair;
+before(() => {
+  ({ dir, cleanup: cleanupDir } = tempDir());
+  cert = makeCert(dir, 'cdn.example.com');
+});
+after(() => cleanupDir());
+
+interface Proc {
+  child: ChildProcess;
+  port: number;
+  adminPort: number;
+  logs: Array<Record<string, unknown>>;
+  exit: Promise<number | null>;
+}
+
+async function spawnRouter(configFile: string, opts: { ulimitFiles?: number } = {}): Promise<Proc> {
+  const cmd = opts.ulimitFiles === undefined ? BIN : 'sh';
+  const args = opts.ulimitFiles === undefined
+    ? ['--config', configFile]
+    : ['-c', `ulimit -n ${opts.ulimitFiles} && exec "${BIN}" --config "${configFile}"`];
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const logs: Array<Record<string, unknown>> = [];
+  let buf = '';
+  child.stdout!.on('data', (d) => {
+    buf += d.toString();
+    let nl: number;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      const line = buf.slice(0, nl);
+      buf = buf.slice(nl + 1);
+      try {
+        logs.push(JSON.parse(line) as Record<string, unknown>);
+      } catch {
+        logs.push({ raw: line });
+      }
+    }
+  });
+  let stderr = '';
+  child.stderr!.on('data', (d) => {
+    stderr += d.toString();
+  });
+  const exit = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  await waitFor(() => logs.some((l) => l.msg === 'sni-router started') || child.exitCode !== null, 20_000, `router start (${stderr})`);
+  const started = logs.find((l) => l.msg === 'sni-router started');
+  assert.ok(started, `router did not start: ${stderr}`);
+  const port = Number(String((started.listen as string[])[0]).split(':').pop());
+  const adminPort = Number(String(started.admin).split(':').pop());
+  return { child, port, adminPort, logs, exit };
+}
+
+async function http(port: number, path: string): Promise<{ status: number; body: string }> {
+  const res = await fetch(`http://127.0.0.1:${port}${path}`);
+  return { status: res.status, body: await res.text() };
+}
+
+function config(file: string, text: string): string {
+  writeFileSync(file, `listen: "127.0.0.1:0"\nadmin: { listen: "127.0.0.1:0" }\n${text}`);
+  return file;
+}
+
+describe('signals', () => {
+  test('SIGTERM stops accepting, marks /readyz 503, lets open connections finish, exits 0', async () => {
+    const rec = await recordingBackend();
+    const file = config(join(dir, 'drain.yaml'), `shutdown_grace: 20s\nfallback: { addr: "127.0.0.1:${rec.port}" }\n`);
+    const p = await spawnRouter(file);
+    try {
+      const open = net.connect({ host: '127.0.0.1', port: p.port });
+      const got: Buffer[] = [];
+      open.on('data', (d) => got.push(d));
+      await new Promise((r) => open.on('connect', r));
+      open.write(buildHello({ sni: 'x.example.com' }));
+      await rec.waitConns(1);
+      assert.equal((await http(p.adminPort, '/readyz')).status, 200);
+      p.child.kill('SIGTERM');
+      await waitFor(async () => (await http(p.adminPort, '/readyz')).status === 503, 5000, 'readyz 503');
+      // New connections are refused while draining.
+      await waitFor(() => new Promise<boolean>((resolve) => {
+        const s = net.connect({ host: '127.0.0.1', port: p.port });
+        s.on('connect', () => {
+          s.destroy();
+          resolve(false);
+        });
+        s.on('error', () => resolve(true));
+      }), 5000, 'listener closed');
+      // The open connection still relays both ways.
+      rec.conns[0].socket.write('still relaying');
+      await waitFor(() => Buffer.concat(got).toString() === 'still relaying');
+      assert.equal(p.child.exitCode, null, 'still running while a connection is open');
+      open.end();
+      assert.equal(await p.exit, 0);
+    } finally {
+      p.child.kill('SIGKILL');
+      await rec.close();
+    }
+  });
+
+  test('SIGINT with a connection left open past shutdown_grace closes it and exits 0', async () => {
+    const rec = await recordingBackend();
+    const file = config(join(dir, 'grace.yaml'), `shutdown_grace: 500ms\nfallback: { addr: "127.0.0.1:${rec.port}" }\n`);
+    const p = await spawnRouter(file);
+    try {
+      const open = net.connect({ host: '127.0.0.1', port: p.port });
+      const closed = new Promise((r) => open.on('close', r));
+      open.on('error', () => {});
+      open.write('GET / HTTP/1.0\r\n\r\n');
+      await rec.waitConns(1);
+      const t0 = Date.now();
+      p.child.kill('SIGINT');
+      assert.equal(await p.exit, 0);
+      const took = Date.now() - t0;
+      assert.ok(took >= 400 && took < 5000, `exited after ${took} ms`);
+      await closed;
+    } finally {
+      p.child.kill('SIGKILL');
+      await rec.close();
+    }
+  });
+
+  test('SIGHUP re-reads the config file; a bad file is rejected and the running table kept', async () => {
+    const turn = await tlsBackend('turn', cert);
+    const web = await tlsBackend('web', cert);
+    const file = join(dir, 'hup.yaml');
+    config(file, `fallback: { addr: "127.0.0.1:${web.port}" }\n`);
+    const p = await spawnRouter(file);
+    try {
+      assert.match((await tlsHello(p.port, 'cdn.example.com')).line, /^web /);
+      config(file, `fallback: { addr: "127.0.0.1:${web.port}" }\nroutes:\n  - { match: cdn.example.com, backend: { name: turn, addr: "127.0.0.1:${turn.port}" } }\n`);
+      p.child.kill('SIGHUP');
+      await waitFor(async () => (await tlsHello(p.port, 'cdn.example.com')).line.startsWith('turn '), 5000, 'new route after SIGHUP');
+      writeFileSync(file, 'fallback: [oops\n');
+      p.child.kill('SIGHUP');
+      await waitFor(() => p.logs.some((l) => l.msg === 'reload rejected: config file is invalid, keeping the running config'), 5000);
+      assert.match((await tlsHello(p.port, 'cdn.example.com')).line, /^turn /);
+      const routes = JSON.parse((await http(p.adminPort, '/routes')).body) as { routes: Array<{ match: string }> };
+      assert.deepEqual(routes.routes.map((r) => r.match), ['cdn.example.com']);
+      p.child.kill('SIGTERM');
+      assert.equal(await p.exit, 0);
+    } finally {
+      p.child.kill('SIGKILL');
+      await turn.close();
+      await web.close();
+    }
+  });
+});
+
+describe('hostile conditions', () => {
+  test('running out of file descriptors does not crash the process; it keeps serving once they free up', async () => {
+    const rec = await recordingBackend({ reply: 'hi' });
+    const file = config(join(dir, 'emfile.yaml'), `fallback: { name: rec, addr: "127.0.0.1:${rec.port}" }\n`);
+    const p = await spawnRouter(file, { ulimitFiles: 100 });
+    const held: net.Socket[] = [];
+    try {
+      assert.ok(p.logs.some((l) => l.msg === 'file descriptor limit is low for max_concurrent_conns'), 'warned at start');
+      // One connection at a time, each held open (two descriptors in the router), until the
+      // router runs out: the dial for the last one fails with EMFILE and that client is closed.
+      let refused = false;
+      for (let i = 0; i < 100 && !refused; i++) {
+        const s = net.connect({ host: '127.0.0.1', port: p.port });
+        s.on('error', () => {});
+        held.push(s);
+        s.write(buildHello({ sni: 'cdn.example.com' }));
+        refused = await new Promise<boolean>((resolve) => {
+          s.once('data', () => resolve(false));
+          s.once('close', () => resolve(true));
+          setTimeout(() => resolve(true), 3000);
+        });
+      }
+      assert.ok(refused, 'the router ran out of descriptors');
+      // A burst of accepts while exhausted: libuv sheds them; the process must survive.
+      const burst = [...Array(50).keys()].map(() => net.connect({ host: '127.0.0.1', port: p.port }).on('error', () => {}));
+      await sleep(300);
+      for (const s of burst) s.destroy();
+      assert.equal(p.child.exitCode, null, 'still running');
+      for (const s of held) s.destroy();
+      await waitFor(async () => {
+        const reply = await rawExchange(p.port, [buildHello({ sni: 'cdn.example.com' })], { end: false, timeoutMs: 500 });
+        return reply.toString() === 'hi';
+      }, 10_000, 'serving again');
+      const dialLog = p.logs.find((l) => l.msg === 'backend dial failed');
+      assert.equal(dialLog?.err, 'EMFILE');
+      // EMFILE is the router's own shortage, not the backend's: no cooldown was set.
+      const routes = JSON.parse((await http(p.adminPort, '/routes')).body) as { fallback: { health: Array<{ healthy: boolean }> } };
+      assert.equal(routes.fallback.health[0].healthy, true);
+      p.child.kill('SIGTERM');
+      assert.equal(await p.exit, 0);
+    } finally {
+      for (const s of held) s.destroy();
+      p.child.kill('SIGKILL');
+      await rec.close();
+    }
+  });
+
+  test('a client that resets mid-relay does not disturb others', async () => {
+    const rec = await recordingBackend({ reply: 'hi' });
+    const file = config(join(dir, 'reset.yaml'), `fallback: { addr: "127.0.0.1:${rec.port}" }\n`);
+    const p = await spawnRouter(file);
+    try {
+      for (let i = 0; i < 20; i++) {
+        const s = net.connect({ host: '127.0.0.1', port: p.port });
+        s.on('error', () => {});
+        await new Promise((r) => s.on('connect', r));
+        s.write(buildHello({ sni: 'r.example.com' }));
+        await sleep(5);
+        s.resetAndDestroy();
+      }
+      assert.equal((await rawExchange(p.port, [buildHello({ sni: 'ok.example.com' })], { end: false, timeoutMs: 1000 })).toString(), 'hi');
+      assert.equal(p.child.exitCode, null);
+      p.child.kill('SIGTERM');
+      assert.equal(await p.exit, 0);
+    } finally {
+      p.child.kill('SIGKILL');
+      await rec.close();
+    }
+  });
+});
