@@ -209,7 +209,7 @@ export async function tlsHello(port: number, servername: string | undefined, alp
       if (nl >= 0) {
         clearTimeout(timer);
         const cert = s.getPeerCertificate();
-        resolve({ line: buf.slice(0, nl), alpn: s.alpnProtocol ?? false, peerCertSubject: cert.subject?.CN ?? '' });
+        resolve({ line: buf.slice(0, nl), alpn: s.alpnProtocol ?? false, peerCertSubject: String(cert.subject?.CN ?? '') });
         s.end();
       }
     });
