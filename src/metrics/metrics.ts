@@ -15,7 +15,8 @@ const HELLO_SIZE_BUCKETS = [128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096, 81
 
 export type ConnectionResult =
   | 'ok' // relayed until both sides closed
-  | 'error' // a socket error (reset) ended the relay
+  | 'reset' // a side reset the connection (TURN clients commonly close this way)
+  | 'error' // another socket error ended the relay
   | 'idle_timeout'
   | 'dial_failed' // no backend address could be reached
   | 'closed' // closed by the router: unroutable: close, or nothing to forward
@@ -178,6 +179,48 @@ export class Metrics {
     }
     for (const scope of ['global', 'per_ip']) this.connectionLimitRejections.inc({ scope }, 0);
     if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry });
+  }
+
+  // The data path updates series through children resolved once per label value: a label lookup
+  // hashes its label set on every call, a cached child does not.
+  readonly #closed = new Map<string, Map<string, { inc(v?: number): void }>>();
+  readonly #active = new Map<string, { inc(v?: number): void; dec(v?: number): void }>();
+  readonly #dial = new Map<string, { observe(v: number): void }>();
+  readonly #up = new Map<string, { inc(v?: number): void }>();
+  readonly #down = new Map<string, { inc(v?: number): void }>();
+
+  connectionClosed(route: string, result: ConnectionResult): void {
+    let byResult = this.#closed.get(route);
+    if (byResult === undefined) this.#closed.set(route, byResult = new Map());
+    let child = byResult.get(result);
+    if (child === undefined) byResult.set(result, child = this.connections.labels(route, result));
+    child.inc();
+  }
+
+  activeChanged(backend: string, delta: 1 | -1): void {
+    let child = this.#active.get(backend);
+    if (child === undefined) this.#active.set(backend, child = this.activeConnections.labels(backend));
+    if (delta > 0) child.inc();
+    else child.dec();
+  }
+
+  dialTook(backend: string, seconds: number): void {
+    let child = this.#dial.get(backend);
+    if (child === undefined) this.#dial.set(backend, child = this.backendDialDuration.labels(backend));
+    child.observe(seconds);
+  }
+
+  bytesRelayed(backend: string, up: number, down: number): void {
+    if (up > 0) {
+      let child = this.#up.get(backend);
+      if (child === undefined) this.#up.set(backend, child = this.bytes.labels(backend, 'upstream'));
+      child.inc(up);
+    }
+    if (down > 0) {
+      let child = this.#down.get(backend);
+      if (child === undefined) this.#down.set(backend, child = this.bytes.labels(backend, 'downstream'));
+      child.inc(down);
+    }
   }
 
   /** Runs fn before bytes_total is collected (at every scrape). */

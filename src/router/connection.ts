@@ -1,0 +1,405 @@
+// One client connection, from accept to close: read the ClientHello, route, dial, relay.
+//
+// Written for the machine (see ../shared/PERFORMANCE-NOTES.md): the event handlers are shared
+// functions that find their connection through a symbol on the socket, so a connection allocates
+// no closures; nothing is allocated per relayed chunk; the ClientHello reader and the buffered
+// hello are released as soon as they have been used, so an idle relay holds only its two sockets.
+import net from 'node:net';
+import { performance } from 'node:perf_hooks';
+import type { ConnectionResult } from '../metrics/metrics.ts';
+import { ClientHelloReader, type HelloVerdict } from './clienthello.ts';
+import { proxyHeader, unmapIPv4 } from './proxyprotocol.ts';
+import type { BackendSpec } from './table.ts';
+import type { RouterServer } from './server.ts';
+
+const FALLBACK_ROUTE = 'fallback';
+/** Socket buffering before backpressure pauses the other side: fewer pause/resume round trips. */
+const HIGH_WATER_MARK = 256 * 1024;
+
+const kConn = Symbol('sni-router.connection');
+type Sock = net.Socket & { [kConn]?: Connection };
+
+const Phase = { Hello: 0, Dialing: 1, Relaying: 2, Done: 3 } as const;
+type Phase = (typeof Phase)[keyof typeof Phase];
+
+export class Connection {
+  readonly #server: RouterServer;
+  readonly #client: Sock;
+  /** The client's address when the per-IP limit counted it, else null (looked up only if needed). */
+  readonly #countedIp: string | null;
+  readonly #acceptedAt = performance.now();
+  #phase: Phase = Phase.Hello;
+  #reader: ClientHelloReader | null;
+  #chunks: Buffer[] = [];
+  #timer: NodeJS.Timeout | null;
+  #clientEnded = false;
+  #backendEnded = false;
+  #clientClosed = false;
+  #backendClosed = true;
+  #backend: BackendSpec | null = null;
+  #sock: Sock | null = null;
+  #addrIndex = 0;
+  #dialStartedAt = 0;
+  #route = FALLBACK_ROUTE;
+  #result: ConnectionResult = 'ok';
+  #sni: string | null = null;
+  #alpn: readonly string[] | null = null;
+  #relaying = false;
+  #flushedUp = 0;
+  #flushedDown = 0;
+
+  constructor(server: RouterServer, client: net.Socket, countedIp: string | null) {
+    this.#server = server;
+    this.#client = client as Sock;
+    this.#countedIp = countedIp;
+    this.#reader = new ClientHelloReader(server.settings.maxClientHelloBytes);
+    this.#client[kConn] = this;
+    client.on('data', Connection.#onHelloData);
+    client.on('end', Connection.#onClientEnd);
+    client.on('error', Connection.#onClientError);
+    client.on('close', Connection.#onClientClose);
+    this.#timer = setTimeout(Connection.#onHelloTimeout, server.settings.clientHelloTimeoutMs, this);
+  }
+
+  get countedIp(): string | null {
+    return this.#countedIp;
+  }
+
+  /** The client's address (an IPv4 client on a dual-stack socket as IPv4). */
+  get clientAddress(): string {
+    return this.#countedIp ?? unmapIPv4(this.#client.remoteAddress ?? '');
+  }
+
+  // ---- handlers: shared functions, `this` is the socket ----
+
+  static #onHelloData(this: Sock, chunk: Buffer): void {
+    const c = this[kConn]!;
+    c.#chunks.push(chunk);
+    const verdict = c.#reader!.push(chunk);
+    if (verdict !== null) c.#routeBy(verdict);
+  }
+
+  static #onHelloTimeout(c: Connection): void {
+    c.#timer = null;
+    if (c.#phase === Phase.Hello) c.#routeBy({ kind: 'failure', reason: 'timeout', detail: 'no complete ClientHello in time' });
+  }
+
+  static #onClientEnd(this: Sock): void {
+    const c = this[kConn]!;
+    c.#clientEnded = true;
+    if (c.#phase === Phase.Hello) {
+      c.#routeBy({ kind: 'failure', reason: 'closed', detail: 'client closed before the ClientHello was complete' });
+    } else if (c.#phase === Phase.Relaying) {
+      Connection.#forwardEnd(c.#sock!, c.#backendEnded);
+    }
+  }
+
+  static #onBackendEnd(this: Sock): void {
+    const c = this[kConn]!;
+    c.#backendEnded = true;
+    Connection.#forwardEnd(c.#client, c.#clientEnded);
+  }
+
+  /**
+   * Half-close: a FIN from one side becomes a FIN to the other, and the other direction keeps
+   * flowing. When the receiving side has already sent its own FIN, both directions are done:
+   * closing (which sends the FIN) saves a shutdown() call, once everything queued is written.
+   */
+  static #forwardEnd(to: Sock, toAlreadyEnded: boolean): void {
+    if (toAlreadyEnded && to.writableLength === 0) to.destroy();
+    else to.end();
+  }
+
+  static #onClientData(this: Sock, chunk: Buffer): void {
+    const c = this[kConn]!;
+    if (!c.#sock!.write(chunk)) this.pause();
+  }
+
+  static #onBackendData(this: Sock, chunk: Buffer): void {
+    const c = this[kConn]!;
+    if (!c.#client.write(chunk)) this.pause();
+  }
+
+  static #onClientDrain(this: Sock): void {
+    this[kConn]!.#sock?.resume();
+  }
+
+  static #onBackendDrain(this: Sock): void {
+    this[kConn]!.#client.resume();
+  }
+
+  static #onIdleTimeout(this: Sock): void {
+    const c = this[kConn]!;
+    if (c.#result === 'ok') c.#result = 'idle_timeout';
+    c.#client.destroy();
+    c.#sock?.destroy();
+  }
+
+  static #onClientError(this: Sock, err: NodeJS.ErrnoException): void {
+    const c = this[kConn]!;
+    if (c.#result === 'ok') c.#result = isReset(err) ? 'reset' : 'error';
+    c.#sock?.destroy();
+  }
+
+  static #onBackendError(this: Sock, err: NodeJS.ErrnoException): void {
+    const c = this[kConn]!;
+    if (c.#phase === Phase.Dialing) {
+      const backend = c.#backend!;
+      c.#server.dialFailed(backend, backend.addrs[c.#addrIndex], err);
+      c.#addrIndex++;
+      return; // 'close' follows; it dials the next address
+    }
+    if (c.#result === 'ok') c.#result = isReset(err) ? 'reset' : 'error';
+    c.#client.destroy();
+  }
+
+  static #onDialTimeout(c: Connection): void {
+    c.#timer = null;
+    c.#sock?.destroy(Object.assign(new Error('dial timeout'), { code: 'ETIMEDOUT' }));
+  }
+
+  static #onBackendConnect(this: Sock): void {
+    this[kConn]!.#startRelay();
+  }
+
+  static #onBackendClose(this: Sock): void {
+    const c = this[kConn]!;
+    c.#backendClosed = true;
+    if (c.#phase === Phase.Dialing) {
+      if (c.#timer !== null) {
+        clearTimeout(c.#timer);
+        c.#timer = null;
+      }
+      if (c.#clientClosed) {
+        if (c.#result === 'ok') c.#result = 'error';
+        c.#finish();
+      } else {
+        c.#dial();
+      }
+      return;
+    }
+    if (c.#clientClosed) c.#finish();
+  }
+
+  static #onClientClose(this: Sock, hadError: boolean): void {
+    const c = this[kConn]!;
+    c.#clientClosed = true;
+    switch (c.#phase) {
+      case Phase.Hello:
+        c.#routeBy({ kind: 'failure', reason: 'closed', detail: hadError ? 'client connection reset' : 'client closed' });
+        return;
+      case Phase.Dialing:
+        // The dial's own close handler finishes the connection.
+        c.#sock?.destroy();
+        return;
+      case Phase.Relaying:
+        if (hadError) c.#sock!.destroy();
+        if (c.#backendClosed) c.#finish();
+        return;
+    }
+  }
+
+  // ---- the state machine ----
+
+  #routeBy(verdict: HelloVerdict): void {
+    const server = this.#server;
+    const m = server.metrics;
+    if (this.#timer !== null) {
+      clearTimeout(this.#timer);
+      this.#timer = null;
+    }
+    this.#reader = null;
+    this.#client.removeListener('data', Connection.#onHelloData);
+    this.#client.pause();
+    m.clientHelloDuration.observe((performance.now() - this.#acceptedAt) / 1000);
+    let backend: BackendSpec | null = null;
+    if (verdict.kind === 'hello') {
+      const hello = verdict.hello;
+      this.#sni = hello.sni;
+      this.#alpn = hello.alpn;
+      if (hello.helloBytes > 0) m.clientHelloBytes.observe(hello.helloBytes);
+      // TLS-ALPN-01 challenges belong to the certificate manager behind the fallback (Caddy),
+      // whatever the name: otherwise names routed to TURN could never get a certificate.
+      const acme = hello.alpn !== null && server.settings.acmeTlsAlpn === 'fallback' && hello.alpn.includes('acme-tls/1');
+      if (!acme && hello.sni !== null) {
+        const route = server.router.table.lookup(hello.sni, hello.alpn);
+        if (route !== null) {
+          backend = route.backend;
+          this.#route = route.match;
+        }
+      }
+      if (backend === null) backend = this.#unroutable();
+    } else {
+      m.clientHelloFailures.inc({ reason: verdict.reason });
+      if (server.logger.isLevelEnabled('debug')) {
+        server.logger.debug({ client: this.clientAddress, reason: verdict.reason, detail: verdict.detail, bytes: this.#bufferedBytes() },
+          'client hello peek failed');
+      }
+      // A client that went away without sending anything leaves nothing to forward.
+      if (verdict.reason === 'closed' && this.#bufferedBytes() === 0) {
+        if (this.#result === 'ok') this.#result = 'closed';
+      } else {
+        backend = this.#unroutable();
+      }
+    }
+    if (backend === null) {
+      this.#finish();
+      return;
+    }
+    if (this.#clientClosed) {
+      // The client is gone (reset): nobody to relay for.
+      if (this.#result === 'ok') this.#result = 'reset';
+      this.#finish();
+      return;
+    }
+    this.#backend = backend;
+    this.#phase = Phase.Dialing;
+    this.#dial();
+  }
+
+  /** The fallback backend, or null under `unroutable: close`. */
+  #unroutable(): BackendSpec | null {
+    this.#route = FALLBACK_ROUTE;
+    if (this.#server.settings.unroutable === 'close') {
+      this.#result = 'closed';
+      return null;
+    }
+    return this.#server.router.table.fallback;
+  }
+
+  #bufferedBytes(): number {
+    let n = 0;
+    for (const c of this.#chunks) n += c.length;
+    return n;
+  }
+
+  #dial(): void {
+    const backend = this.#backend!;
+    const index = this.#server.nextAddr(backend, this.#addrIndex);
+    if (index < 0) {
+      this.#result = 'dial_failed';
+      this.#finish();
+      return;
+    }
+    this.#addrIndex = index;
+    const addr = backend.addrs[index];
+    const split = addr.lastIndexOf(':');
+    const host = addr.charCodeAt(0) === 0x5b /* [ */ ? addr.slice(1, split - 1) : addr.slice(0, split);
+    this.#dialStartedAt = performance.now();
+    this.#backendClosed = false;
+    // net.Socket passes its options on to stream.Duplex, which reads the high-water marks.
+    const options: net.NetConnectOpts & { highWaterMark: number } = {
+      host, port: Number(addr.slice(split + 1)), allowHalfOpen: true, noDelay: true, highWaterMark: HIGH_WATER_MARK,
+    };
+    const sock = net.connect(options) as Sock;
+    sock[kConn] = this;
+    this.#sock = sock;
+    this.#timer = setTimeout(Connection.#onDialTimeout, this.#server.settings.backendDialTimeoutMs, this);
+    sock.on('connect', Connection.#onBackendConnect);
+    sock.on('error', Connection.#onBackendError);
+    sock.on('close', Connection.#onBackendClose);
+  }
+
+  #startRelay(): void {
+    const server = this.#server;
+    const backend = this.#backend!;
+    const sock = this.#sock!;
+    const client = this.#client;
+    if (this.#timer !== null) {
+      clearTimeout(this.#timer);
+      this.#timer = null;
+    }
+    server.dialSucceeded(backend.addrs[this.#addrIndex]);
+    server.metrics.dialTook(backend.name, (performance.now() - this.#dialStartedAt) / 1000);
+    if (this.#clientClosed) {
+      sock.destroy();
+      return;
+    }
+    this.#phase = Phase.Relaying;
+    this.#relaying = true;
+    server.metrics.activeChanged(backend.name, 1);
+    // Both directions pass through the client socket, so its timer sees all activity.
+    if (server.settings.idleTimeoutMs > 0) {
+      client.setTimeout(server.settings.idleTimeoutMs);
+      client.on('timeout', Connection.#onIdleTimeout);
+    }
+
+    // The PROXY header and every byte read so far go out in one write.
+    const parts = this.#chunks;
+    this.#chunks = [];
+    if (backend.proxyProtocol !== null) {
+      parts.unshift(proxyHeader(backend.proxyProtocol, {
+        srcAddr: client.remoteAddress ?? '',
+        srcPort: client.remotePort ?? 0,
+        dstAddr: client.localAddress ?? '',
+        dstPort: client.localPort ?? 0,
+      }));
+    }
+    if (parts.length > 0) sock.write(parts.length === 1 ? parts[0] : Buffer.concat(parts));
+
+    client.on('data', Connection.#onClientData);
+    client.on('drain', Connection.#onClientDrain);
+    sock.on('data', Connection.#onBackendData);
+    sock.on('drain', Connection.#onBackendDrain);
+    sock.on('end', Connection.#onBackendEnd);
+    if (this.#clientEnded) sock.end();
+    else client.resume();
+  }
+
+  #finish(): void {
+    if (this.#phase === Phase.Done) return;
+    const server = this.#server;
+    const wasRelaying = this.#phase === Phase.Relaying;
+    this.#phase = Phase.Done;
+    if (this.#timer !== null) {
+      clearTimeout(this.#timer);
+      this.#timer = null;
+    }
+    if (!this.#client.destroyed) this.#client.destroy();
+    this.#chunks = [];
+    if (wasRelaying) server.metrics.activeChanged(this.#backend!.name, -1);
+    server.release(this);
+    this.flushBytes();
+    server.metrics.connectionClosed(this.#route, this.#result);
+    if (server.accessLog) {
+      const b = this.#backend;
+      server.logger.info({
+        client: this.clientAddress,
+        client_port: this.#client.remotePort,
+        sni: this.#sni,
+        alpn: this.#alpn,
+        route: this.#route,
+        backend: b?.name ?? null,
+        backend_addr: b === null ? null : b.addrs[Math.min(this.#addrIndex, b.addrs.length - 1)],
+        bytes_up: this.#client.bytesRead,
+        bytes_down: this.#client.bytesWritten,
+        duration_ms: Math.round((performance.now() - this.#acceptedAt) * 1000) / 1000,
+        result: this.#result,
+      }, 'connection');
+    }
+  }
+
+  /** Adds bytes relayed since the last flush to bytes_total (at scrape time and at close). */
+  flushBytes(): void {
+    if (!this.#relaying) return;
+    const up = this.#client.bytesRead;
+    const down = this.#client.bytesWritten;
+    this.#server.metrics.bytesRelayed(this.#backend!.name, up - this.#flushedUp, down - this.#flushedDown);
+    this.#flushedUp = up;
+    this.#flushedDown = down;
+  }
+
+  /** Closes the connection now (shutdown grace over). */
+  abort(result: ConnectionResult): void {
+    this.#result = result;
+    this.#client.destroy();
+    this.#sock?.destroy();
+    if (this.#phase === Phase.Hello) this.#finish();
+  }
+}
+
+function isReset(err: NodeJS.ErrnoException): boolean {
+  return err.code === 'ECONNRESET' || err.code === 'EPIPE';
+}
+
+export { HIGH_WATER_MARK };
