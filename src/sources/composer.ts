@@ -56,13 +56,19 @@ export class Composer {
   /** Replaces the set of sources (in precedence order): stops the old ones, starts the new. */
   async setSources(sources: readonly RouteSource[]): Promise<void> {
     const old = this.#sources;
-    this.#sources = sources.map((source) => ({
-      source,
-      snapshot: null,
-      status: {
-        name: source.name, type: source.type, state: 'starting', failingSince: null, lastSuccess: null, lastError: null, routes: 0,
-      },
-    }));
+    this.#sources = sources.map((source) => {
+      // A source that is only reconfigured (same name and type) keeps serving its last good
+      // snapshot until the new one reads: a reload during an outage must not drop its routes.
+      const previous = old.find((t) => t.source.name === source.name && t.source.type === source.type);
+      return {
+        source,
+        snapshot: previous?.snapshot ?? null,
+        status: {
+          name: source.name, type: source.type, state: 'starting', failingSince: null,
+          lastSuccess: previous?.status.lastSuccess ?? null, lastError: null, routes: previous?.snapshot?.routes.length ?? 0,
+        },
+      };
+    });
     await Promise.all(old.map((t) => t.source.stop().catch((err: Error) => {
       this.#logger.warn({ source: t.source.name, err: err.message }, 'source did not stop cleanly');
     })));
@@ -70,7 +76,9 @@ export class Composer {
     await Promise.all(this.#sources.map((t) => t.source.start(this.#sinkFor(t)).catch((err: Error) => {
       this.#sinkFor(t).failure(err);
     })));
-    this.schedule();
+    // At once, not coalesced: at start the first table must hold what the sources read before
+    // the router listens.
+    this.applyNow();
   }
 
   resyncAll(): void {
@@ -94,6 +102,7 @@ export class Composer {
       snapshot: (snapshot) => {
         if (this.#stopped || !this.#sources.includes(t)) return;
         const now = Date.now();
+        const before = t.snapshot;
         t.snapshot = snapshot;
         t.status = { ...t.status, state: 'ok', failingSince: null, lastSuccess: now, lastError: null, routes: snapshot.routes.length };
         this.#metrics.sourceUpdates.inc({ source: name, result: 'ok' });
@@ -101,7 +110,11 @@ export class Composer {
         this.#metrics.sourceUp.set({ source: name }, 1);
         if (snapshot.invalid.length > 0) {
           this.#metrics.sourceInvalidEntries.inc({ source: name }, snapshot.invalid.length);
-          for (const bad of snapshot.invalid.slice(0, 20)) {
+          // Counted on every read (an alert on the rate lasts as long as the entry stays bad), but
+          // logged only when new: a poll every few seconds must not repeat the same warning.
+          const known = new Set((before?.invalid ?? []).map((bad) => `${bad.entry}\u0000${bad.error}`));
+          const fresh = snapshot.invalid.filter((bad) => !known.has(`${bad.entry}\u0000${bad.error}`));
+          for (const bad of fresh.slice(0, 20)) {
             this.#logger.warn({ source: name, entry: bad.entry, err: bad.error }, 'skipped invalid route entry');
           }
         }

@@ -1,0 +1,245 @@
+// The file source: a routes YAML file (`routes:` in the config's route schema), watched through the
+// directories that hold it rather than through the file itself. Every way of replacing a file ends
+// in an event on its directory: an in-place write, a temp file renamed over it (editors, Caddy), a
+// Kubernetes ConfigMap swap (`..data` re-pointed to a new timestamped directory), a delete and
+// recreate. A watch on the file's inode would be left behind by all but the first.
+//
+// On any event the whole path is resolved again (every symlink on the way, so the directory of each
+// link is watched too), the file re-read, and its content hash compared with the last one handled,
+// so that the noise of unrelated files in the same directory costs a read and nothing more.
+import { createHash } from 'node:crypto';
+import { lstat, readFile, readlink } from 'node:fs/promises';
+import { join, parse, resolve, sep } from 'node:path';
+import { type FSWatcher, watch } from 'chokidar';
+import type { FileSourceConfig } from '../config/types.ts';
+import { parseRoutesFile } from '../config/load.ts';
+import type { Logger } from '../log.ts';
+import type { RouteSpec } from '../router/table.ts';
+import type { RouteSource, SourceSink } from './source.ts';
+
+/** Quiet time after the last event before reading: a truncate and its write, a swap's renames. */
+const QUIET_MS = 20;
+/** A stream of events never holds a read back longer than this. */
+const MAX_HOLD_MS = 150;
+/**
+ * A read every so often whatever the events say, in case the kernel dropped one (inotify queue
+ * overflow, network filesystems). Prometheus's file discovery does the same.
+ */
+const SAFETY_REREAD_MS = 60_000;
+/** How long to wait for a new directory watch to be in place. */
+const WATCH_READY_MS = 2000;
+/** Symlinks followed while resolving the path, as the kernel's own limit. */
+const MAX_SYMLINK_HOPS = 40;
+
+export class FileSource implements RouteSource {
+  readonly type = 'file' as const;
+  readonly name: string;
+  readonly #path: string;
+  readonly #logger: Logger;
+  #sink: SourceSink | null = null;
+  /** Watched directory → its watcher. */
+  readonly #watchers = new Map<string, FSWatcher>();
+  #quietTimer: NodeJS.Timeout | null = null;
+  #burstStartedAt = 0;
+  #safetyTimer: NodeJS.Timeout | null = null;
+  #refreshing: Promise<void> | null = null;
+  #again = false;
+  #againForced = false;
+  /** The content hash last handled, or "unreadable:<code>", so an unchanged state is not reported twice. */
+  #lastState: string | null = null;
+  #stopped = false;
+
+  constructor(config: FileSourceConfig, logger: Logger) {
+    this.name = config.name;
+    this.#path = resolve(config.path);
+    this.#logger = logger.child({ source: config.name });
+  }
+
+  async start(sink: SourceSink): Promise<void> {
+    this.#sink = sink;
+    await this.#request(true);
+    if (this.#stopped) return;
+    this.#safetyTimer = setInterval(() => void this.#request(false), SAFETY_REREAD_MS);
+  }
+
+  resync(): void {
+    void this.#request(true);
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    if (this.#quietTimer !== null) clearTimeout(this.#quietTimer);
+    if (this.#safetyTimer !== null) clearInterval(this.#safetyTimer);
+    this.#quietTimer = null;
+    this.#safetyTimer = null;
+    await this.#refreshing?.catch(() => {});
+    await Promise.all([...this.#watchers.values()].map((w) => w.close().catch(() => {})));
+    this.#watchers.clear();
+  }
+
+  /** Any event in a watched directory: read once the burst has settled. */
+  #onEvent(): void {
+    if (this.#stopped) return;
+    const now = Date.now();
+    if (this.#quietTimer === null) this.#burstStartedAt = now;
+    else clearTimeout(this.#quietTimer);
+    const wait = Math.max(0, Math.min(QUIET_MS, this.#burstStartedAt + MAX_HOLD_MS - now));
+    this.#quietTimer = setTimeout(() => {
+      this.#quietTimer = null;
+      void this.#request(false);
+    }, wait);
+  }
+
+  /** Runs one refresh at a time; a request that arrives meanwhile runs once after it. */
+  #request(force: boolean): Promise<void> {
+    if (this.#stopped) return Promise.resolve();
+    if (this.#refreshing !== null) {
+      this.#again = true;
+      this.#againForced ||= force;
+      return this.#refreshing;
+    }
+    this.#refreshing = this.#refresh(force)
+      .catch((err: Error) => this.#sink?.failure(err))
+      .finally(() => {
+        this.#refreshing = null;
+        if (this.#again && !this.#stopped) {
+          const forced = this.#againForced;
+          this.#again = false;
+          this.#againForced = false;
+          void this.#request(forced);
+        }
+      });
+    return this.#refreshing;
+  }
+
+  async #refresh(force: boolean): Promise<void> {
+    // Watch first, read second: a change that lands between the two is still an event.
+    // Each pass puts the watches where the path resolves now; a new watch can reveal a directory
+    // created before it was ready (mkdir -p), hence more than one pass, but never many.
+    for (let pass = 0; pass < 8 && !this.#stopped; pass++) {
+      if (!await this.#watchWhereResolved()) break;
+    }
+    if (this.#stopped || this.#sink === null) return;
+    let text: string;
+    try {
+      text = await readFile(this.#path, 'utf8');
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code ?? 'EIO';
+      const state = `unreadable:${code}`;
+      if (!force && state === this.#lastState) return;
+      this.#lastState = state;
+      // A missing file is a failure, not an empty table: a file being replaced by hand is briefly
+      // absent, and a deleted ConfigMap must not withdraw every route it held.
+      this.#sink.failure(new Error(code === 'ENOENT' || code === 'ENOTDIR'
+        ? `${this.#path} does not exist`
+        : `cannot read ${this.#path}: ${code}`));
+      return;
+    }
+    const hash = createHash('sha256').update(text).digest('hex');
+    if (!force && hash === this.#lastState) return;
+    this.#lastState = hash;
+    let routes: RouteSpec[];
+    try {
+      routes = parseRoutesFile(text, this.#path, this.name);
+    } catch (err) {
+      // Rejected whole: the message is FILE:LINE:COL, the last good snapshot stays live.
+      this.#sink.failure(err as Error);
+      return;
+    }
+    this.#sink.snapshot({ routes, invalid: [] });
+  }
+
+  /** Moves the watches to the directories the path resolves through now. Returns whether any moved. */
+  async #watchWhereResolved(): Promise<boolean> {
+    const wanted = await directoriesToWatch(this.#path);
+    let moved = false;
+    for (const [dir, w] of this.#watchers) {
+      if (wanted.has(dir)) continue;
+      this.#watchers.delete(dir);
+      moved = true;
+      await w.close().catch(() => {});
+    }
+    for (const dir of wanted) {
+      if (this.#watchers.has(dir) || this.#stopped) continue;
+      moved = true;
+      this.#watchers.set(dir, await this.#watchDirectory(dir));
+    }
+    if (moved) this.#logger.debug({ path: this.#path, watching: [...this.#watchers.keys()] }, 'file source watches moved');
+    return moved;
+  }
+
+  async #watchDirectory(dir: string): Promise<FSWatcher> {
+    // Only the directory itself is watched (one inotify watch, however many files it holds); the
+    // raw events of that watch name every child that is created, written, renamed or removed.
+    const w = watch(dir, {
+      depth: 0,
+      ignoreInitial: true,
+      followSymlinks: false,
+      atomic: false,
+      persistent: true,
+      ignored: (p: string) => p !== dir,
+    });
+    w.on('raw', () => this.#onEvent());
+    w.on('all', () => this.#onEvent());
+    w.on('error', (err: unknown) => {
+      this.#logger.warn({ dir, err: (err as Error).message }, 'file source watch error; re-reading');
+      this.#onEvent();
+    });
+    await new Promise<void>((done) => {
+      const timer = setTimeout(done, WATCH_READY_MS);
+      w.once('ready', () => {
+        clearTimeout(timer);
+        done();
+      });
+    });
+    return w;
+  }
+}
+
+/**
+ * The directories to watch for `path`: the one that holds each symlink met while resolving it
+ * (a swap re-points a link there), and the one that holds the file itself. When part of the path
+ * does not exist yet, the nearest existing directory above it, so its creation is seen.
+ */
+export async function directoriesToWatch(path: string): Promise<Set<string>> {
+  const dirs = new Set<string>();
+  let current = resolve(path);
+  for (let hops = 0; hops <= MAX_SYMLINK_HOPS; hops++) {
+    const { root } = parse(current);
+    const parts = current.slice(root.length).split(sep).filter((p) => p !== '');
+    let dir = root;
+    let followed = false;
+    for (let i = 0; i < parts.length; i++) {
+      const next = join(dir, parts[i]);
+      let isLink: boolean;
+      try {
+        isLink = (await lstat(next)).isSymbolicLink();
+      } catch {
+        dirs.add(dir);
+        return dirs;
+      }
+      if (isLink) {
+        dirs.add(dir);
+        let target: string;
+        try {
+          target = await readlink(next);
+        } catch {
+          return dirs;
+        }
+        current = resolve(dir, target, ...parts.slice(i + 1));
+        followed = true;
+        break;
+      }
+      if (i === parts.length - 1) {
+        dirs.add(dir);
+        return dirs;
+      }
+      dir = next;
+    }
+    if (!followed) {
+      dirs.add(dir);
+      return dirs;
+    }
+  }
+  return dirs;
+}
