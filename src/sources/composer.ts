@@ -37,6 +37,8 @@ export class Composer {
   #stopped = false;
   /** Conflicts already reported, so a standing conflict is logged and counted once. */
   #knownConflicts = new Set<string>();
+  /** True until the routes and generation gauges describe the live table and its sources. */
+  #gaugesStale = true;
 
   constructor(opts: ComposerOptions) {
     this.#router = opts.router;
@@ -72,7 +74,7 @@ export class Composer {
     await Promise.all(old.map((t) => t.source.stop().catch((err: Error) => {
       this.#logger.warn({ source: t.source.name, err: err.message }, 'source did not stop cleanly');
     })));
-    this.#metrics.routes.reset();
+    this.#gaugesStale = true;
     await Promise.all(this.#sources.map((t) => t.source.start(this.#sinkFor(t)).catch((err: Error) => {
       this.#sinkFor(t).failure(err);
     })));
@@ -159,16 +161,13 @@ export class Composer {
     const diff = diffRoutes(current.routes, table.routes);
     const fallbackChanged = backendKey(current.fallback) !== backendKey(table.fallback);
     if (diff.added.length === 0 && diff.removed.length === 0 && diff.changed.length === 0 && !fallbackChanged) {
+      // Nothing to swap; the gauges still describe the live table from the start, and after the
+      // set of sources changed.
+      if (this.#gaugesStale) this.#publishGauges(current);
       return;
     }
     const generation = this.#router.replace(table);
-    this.#metrics.routeTableGeneration.set(generation);
-    this.#metrics.routes.reset();
-    const perSource = new Map<string, number>();
-    for (const r of table.routes) perSource.set(r.source, (perSource.get(r.source) ?? 0) + 1);
-    for (const t of this.#sources) if (!perSource.has(t.source.name)) perSource.set(t.source.name, 0);
-    perSource.set(CONFIG_SOURCE, perSource.get(CONFIG_SOURCE) ?? 0);
-    for (const [source, n] of perSource) this.#metrics.routes.set({ source }, n);
+    this.#publishGauges(table);
     this.#logger.info({
       generation,
       routes: table.routes.length,
@@ -178,6 +177,16 @@ export class Composer {
       ...(fallbackChanged ? { fallback: describeBackend(table.fallback) } : {}),
       ...(diff.added.length + diff.removed.length + diff.changed.length > 150 ? { truncated: true } : {}),
     }, 'route table replaced');
+  }
+
+  #publishGauges(table: RouteTable): void {
+    this.#gaugesStale = false;
+    this.#metrics.routeTableGeneration.set(this.#router.generation);
+    this.#metrics.routes.reset();
+    const perSource = new Map<string, number>([[CONFIG_SOURCE, 0]]);
+    for (const t of this.#sources) perSource.set(t.source.name, 0);
+    for (const r of table.routes) perSource.set(r.source, (perSource.get(r.source) ?? 0) + 1);
+    for (const [source, n] of perSource) this.#metrics.routes.set({ source }, n);
   }
 
   #reportConflicts(table: RouteTable): void {
