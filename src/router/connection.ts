@@ -16,6 +16,15 @@ const FALLBACK_ROUTE = 'fallback';
 /** Socket buffering before backpressure pauses the other side: fewer pause/resume round trips. */
 const HIGH_WATER_MARK = 256 * 1024;
 
+/**
+ * Backend reads land in one scratch buffer shared by every connection (libuv reads one socket at
+ * a time, and the callback consumes the bytes before returning), so an idle relay holds no read
+ * buffer at all. A read that fills the scratch buffer means a bulk transfer: that socket then
+ * gets a buffer of its own, written out in place without a copy.
+ */
+const READ_SIZE = 64 * 1024;
+const scratch = Buffer.allocUnsafe(READ_SIZE);
+
 const kConn = Symbol('sni-router.connection');
 type Sock = net.Socket & { [kConn]?: Connection };
 
@@ -45,6 +54,11 @@ export class Connection {
   #sni: string | null = null;
   #alpn: readonly string[] | null = null;
   #relaying = false;
+  /** The backend socket's own read buffer, once it moved a bulk transfer; null while it shares `scratch`. */
+  #readBuf: Buffer | null = null;
+  /** True while a write of #readBuf to the client is in flight: the buffer is not free to read into. */
+  #readBufBusy = false;
+  #readBufWritten: ((err?: Error | null) => void) | null = null;
   #flushedUp = 0;
   #flushedDown = 0;
 
@@ -115,13 +129,43 @@ export class Connection {
     if (!c.#sock!.write(chunk)) this.pause();
   }
 
-  static #onBackendData(this: Sock, chunk: Buffer): void {
-    const c = this[kConn]!;
-    if (!c.#client.write(chunk)) this.pause();
+  /** Gives the backend socket its own read buffer (bulk transfers only: idle relays hold none). */
+  #ownReadBuffer(): void {
+    this.#readBuf = Buffer.allocUnsafe(READ_SIZE);
+    this.#readBufWritten = () => {
+      this.#readBufBusy = false;
+      // Past the high-water mark the client's 'drain' resumes reading instead.
+      if (!this.#client.writableNeedDrain) this.#sock?.resume();
+    };
   }
 
+  /**
+   * onread callback of the backend socket. Returning false pauses reading: the bytes just read
+   * still belong to a write in flight, or the client is not keeping up.
+   */
+  static #onBackendRead(this: Sock, n: number, buf: Buffer): boolean {
+    const c = this[kConn]!;
+    const client = c.#client;
+    if (c.#phase !== Phase.Relaying) return false;
+    if (buf === scratch) {
+      // Shared: copy out now. A full buffer is a bulk transfer: give this socket its own.
+      const ok = client.write(Buffer.from(buf.subarray(0, n)));
+      if (n === READ_SIZE && c.#readBuf === null) c.#ownReadBuffer();
+      return ok;
+    }
+    // Own buffer: written in place. It may be read into again only once the write is done; a
+    // write the kernel took at once is done before write() returns (writableLength drops to 0).
+    const before = client.writableLength;
+    const ok = client.write(buf.subarray(0, n), c.#readBufWritten!);
+    if (client.writableLength === before || client.writableLength === 0) return ok;
+    c.#readBufBusy = true;
+    return false;
+  }
+
+
   static #onClientDrain(this: Sock): void {
-    this[kConn]!.#sock?.resume();
+    const c = this[kConn]!;
+    if (!c.#readBufBusy) c.#sock?.resume();
   }
 
   static #onBackendDrain(this: Sock): void {
@@ -290,6 +334,9 @@ export class Connection {
     // net.Socket passes its options on to stream.Duplex, which reads the high-water marks.
     const options: net.NetConnectOpts & { highWaterMark: number } = {
       host, port: Number(addr.slice(split + 1)), allowHalfOpen: true, noDelay: true, highWaterMark: HIGH_WATER_MARK,
+      // The buffer for each next read: the shared scratch buffer, or this socket's own once it
+      // carried a bulk transfer. (libuv calls this without the socket, hence one closure.)
+      onread: { buffer: () => this.#readBuf ?? scratch, callback: Connection.#onBackendRead },
     };
     const sock = net.connect(options) as Sock;
     sock[kConn] = this;
@@ -339,7 +386,6 @@ export class Connection {
 
     client.on('data', Connection.#onClientData);
     client.on('drain', Connection.#onClientDrain);
-    sock.on('data', Connection.#onBackendData);
     sock.on('drain', Connection.#onBackendDrain);
     sock.on('end', Connection.#onBackendEnd);
     if (this.#clientEnded) sock.end();
