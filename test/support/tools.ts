@@ -5,9 +5,10 @@ import assert from 'node:assert/strict';
 import { accessSync, constants } from 'node:fs';
 import { delimiter, join } from 'node:path';
 
+/** Where `tool` (a name on PATH, or a path) is, when it is executable; else null. */
 export function toolPath(tool: string): string | null {
-  for (const dir of (process.env.PATH ?? '').split(delimiter)) {
-    const p = join(dir, tool);
+  const candidates = tool.includes('/') ? [tool] : (process.env.PATH ?? '').split(delimiter).map((d) => join(d, tool));
+  for (const p of candidates) {
     try {
       accessSync(p, constants.X_OK);
       return p;
@@ -26,4 +27,23 @@ export function requireTools(t: { skip(message: string): void }, ...tools: strin
   if (process.env.CI === 'true') assert.fail(`required in CI but ${message}`);
   t.skip(message);
   return false;
+}
+
+export interface ToolGate {
+  /** For node:test's `skip` option: a reason when a tool is missing outside CI, else false. */
+  readonly skip: string | false;
+  /** Throws when a tool is missing: in CI a missing tool is a failure, never a skip. */
+  check(): void;
+}
+
+/** Like requireTools, for suites that decide once, in a test's options, whether to run. */
+export function toolGate(tools: readonly string[]): ToolGate {
+  const missing = tools.filter((t) => toolPath(t) === null);
+  const inCi = process.env.CI === 'true';
+  return {
+    skip: missing.length > 0 && !inCi ? `not installed: ${missing.join(', ')} (Debian packages coturn, chromium)` : false,
+    check() {
+      if (missing.length > 0) throw new Error(`required tools missing${inCi ? ' in CI' : ''}: ${missing.join(', ')}`);
+    },
+  };
 }

@@ -5,10 +5,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createHash, X509Certificate } from 'node:crypto';
 import dgram from 'node:dgram';
-import { accessSync, constants, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
-import { delimiter, join } from 'node:path';
+import { join } from 'node:path';
 import { sleep, tempDir, waitFor } from '../helpers.ts';
 
 export const CHROMIUM = '/usr/bin/chromium';
@@ -16,35 +16,7 @@ const PAGE = join(import.meta.dirname, '..', 'fixtures', 'webrtc-turn.html');
 /** Output kept per process, for assertions and failure messages. */
 const OUTPUT_CAP = 512 * 1024;
 
-function onPath(tool: string): boolean {
-  const candidates = tool.includes('/') ? [tool] : (process.env.PATH ?? '').split(delimiter).map((d) => join(d, tool));
-  return candidates.some((p) => {
-    try {
-      accessSync(p, constants.X_OK);
-      return true;
-    } catch {
-      return false;
-    }
-  });
-}
-
-export interface ToolGate {
-  /** For node:test's `skip` option: a reason when a tool is missing outside CI, else false. */
-  readonly skip: string | false;
-  /** Throws when a tool is missing: in CI a missing tool is a failure, never a skip. */
-  check(): void;
-}
-
-export function toolGate(tools: readonly string[]): ToolGate {
-  const missing = tools.filter((t) => !onPath(t));
-  const inCi = process.env.CI === 'true';
-  return {
-    skip: missing.length > 0 && !inCi ? `not installed: ${missing.join(', ')} (Debian packages coturn, chromium)` : false,
-    check() {
-      if (missing.length > 0) throw new Error(`required tools missing${inCi ? ' in CI' : ''}: ${missing.join(', ')}`);
-    },
-  };
-}
+export { type ToolGate, toolGate } from './tools.ts';
 
 /** A port that was free a moment ago on 127.0.0.1. */
 export async function freePort(kind: 'tcp' | 'udp' = 'tcp'): Promise<number> {
