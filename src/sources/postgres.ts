@@ -15,6 +15,7 @@ import pg from 'pg';
 import { route } from '../config/routes.ts';
 import type { PostgresSourceConfig } from '../config/types.ts';
 import { type Logger, redactUrl } from '../log.ts';
+import { backoffMs } from './backoff.ts';
 import { type AlpnCondition, type RouteSpec, alpnKey } from '../router/table.ts';
 import type { InvalidEntry, RouteSource, Snapshot, SourceSink } from './source.ts';
 
@@ -150,7 +151,7 @@ export class PostgresSource implements RouteSource {
       // After a failure, retry sooner than the poll (with backoff); never later than the poll.
       const delay = this.#readFailures === 0
         ? this.#config.intervalMs
-        : Math.min(this.#config.intervalMs, backoffMs(this.#readFailures));
+        : Math.min(this.#config.intervalMs, backoffMs(this.#readFailures, RETRY_MIN_MS, RETRY_MAX_MS));
       this.#pollTimer = setTimeout(() => {
         this.#pollTimer = null;
         void this.#requestRead();
@@ -268,7 +269,7 @@ export class PostgresSource implements RouteSource {
     void endQuietly(client);
     if (this.#stopped) return;
     this.#listenFailures++;
-    const delay = backoffMs(this.#listenFailures);
+    const delay = backoffMs(this.#listenFailures, RETRY_MIN_MS, RETRY_MAX_MS);
     this.#logger[this.#listenFailures === 1 ? 'warn' : 'debug']({
       channel: this.#config.listenChannel, err: err.message, retry_ms: Math.round(delay),
     }, 'postgres LISTEN connection lost; polling meanwhile');
@@ -412,11 +413,6 @@ function quoteIdent(name: string): string {
 }
 
 /** Exponential, with jitter so that a fleet of routers does not reconnect in step. */
-function backoffMs(attempt: number): number {
-  const base = Math.min(RETRY_MAX_MS, RETRY_MIN_MS * 2 ** Math.min(attempt - 1, 10));
-  return base * (0.8 + Math.random() * 0.2);
-}
-
 /** Closes a client whatever its state; a connection that does not say goodbye in time is cut. */
 async function endQuietly(client: pg.Client): Promise<void> {
   let timer: NodeJS.Timeout | undefined;

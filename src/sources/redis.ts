@@ -7,6 +7,7 @@ import { Redis, type RedisOptions } from 'ioredis';
 import { route } from '../config/routes.ts';
 import type { RedisSourceConfig } from '../config/types.ts';
 import { type Logger, redactUrl } from '../log.ts';
+import { backoffMs } from './backoff.ts';
 import type { RouteSpec } from '../router/table.ts';
 import type { InvalidEntry, RouteSource, Snapshot, SourceSink } from './source.ts';
 
@@ -54,7 +55,7 @@ export class RedisSource implements RouteSource {
       maxRetriesPerRequest: 1,
       connectTimeout: CONNECT_TIMEOUT_MS,
       commandTimeout: COMMAND_TIMEOUT_MS,
-      retryStrategy: (times) => backoffMs(times),
+      retryStrategy: (times) => backoffMs(times, RETRY_MIN_MS, RETRY_MAX_MS),
       // The subscription is renewed by hand on 'ready', then the hash is read: in that order, a
       // change cannot fall between the read and the subscription.
       autoResubscribe: false,
@@ -192,11 +193,6 @@ export function snapshotFromHash(hash: Readonly<Record<string, string>>, source:
     }
   }
   return { routes, invalid };
-}
-
-function backoffMs(attempt: number): number {
-  const base = Math.min(RETRY_MAX_MS, RETRY_MIN_MS * 2 ** Math.min(attempt - 1, 10));
-  return base * (0.8 + Math.random() * 0.2);
 }
 
 /** Disconnects for good (no reconnect) and waits, briefly, for the socket to close. */
