@@ -1,0 +1,113 @@
+// on_change: how the TURN server is told to load the new pair. A signal to the main process of a
+// systemd unit (systemctl kill) or to the pid in a pid file, a restart of a unit, or a program run
+// with the deployed paths. Programs run without a shell and with a time limit; an action that does
+// not succeed throws, and the watcher retries it.
+import { spawn } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
+import type { CertAction } from '../config/types.ts';
+import type { DeployedPaths } from './deploy.ts';
+
+/**
+ * The systemctl binary. SNI_ROUTER_SYSTEMCTL replaces it, for tests only: a script that records its
+ * arguments stands in for systemd.
+ */
+export function systemctlPath(env: NodeJS.ProcessEnv): string {
+  const p = env.SNI_ROUTER_SYSTEMCTL;
+  return p !== undefined && p !== '' ? p : 'systemctl';
+}
+
+export interface ActionOptions {
+  readonly env: NodeJS.ProcessEnv;
+  readonly timeoutMs: number;
+}
+
+/** The argv an exec action runs: {cert} and {key} replaced by the deployed paths, anywhere in an argument. */
+export function execArgv(argv: readonly string[], paths: DeployedPaths): string[] {
+  return argv.map((a) => a.replaceAll('{cert}', paths.cert).replaceAll('{key}', paths.key));
+}
+
+/** What runAction did, for the log. */
+export interface ActionDone {
+  readonly what: string;
+}
+
+const OUTPUT_CAP = 4096;
+
+/** Runs argv (no shell); resolves on exit 0, rejects with its stderr otherwise or on timeout. */
+export function runProgram(argv: readonly string[], opts: ActionOptions): Promise<{ stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(argv[0], argv.slice(1), {
+      stdio: ['ignore', 'pipe', 'pipe'], env: opts.env, shell: false, timeout: opts.timeoutMs, killSignal: 'SIGKILL',
+    });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => {
+      if (stdout.length < OUTPUT_CAP) stdout += d.toString();
+    });
+    child.stderr.on('data', (d: Buffer) => {
+      if (stderr.length < OUTPUT_CAP) stderr += d.toString();
+    });
+    child.on('error', (err) => reject(new Error(`${argv[0]}: ${err.message}`)));
+    // 'exit', not 'close': a script that leaves a daemon behind holding our pipes has still
+    // finished. One more turn of the loop lets the output already in the pipes arrive.
+    child.on('exit', (code, signal) => {
+      setTimeout(() => {
+        child.stdout.destroy();
+        child.stderr.destroy();
+        if (code === 0) {
+          resolve({ stdout, stderr });
+          return;
+        }
+        const how = signal === 'SIGKILL' ? `killed after the ${opts.timeoutMs}ms time limit` : signal !== null ? `killed by ${signal}` : `exit code ${code}`;
+        const tail = stderr.trim().split('\n').slice(-3).join(' | ');
+        reject(new Error(`${argv.join(' ')}: ${how}${tail === '' ? '' : `: ${tail}`}`));
+      }, 20);
+    });
+  });
+}
+
+/** The pid a pid file names, refusing anything that is not one ordinary process. */
+export async function readPidFile(file: string): Promise<number> {
+  const text = (await readFile(file, 'utf8')).trim();
+  if (!/^\d+$/.test(text)) throw new Error(`pid file ${file} does not hold a pid: "${text.slice(0, 40)}"`);
+  const pid = Number(text);
+  // 0 would signal our own process group, 1 is init; a pid like that in a pid file is a mistake.
+  if (pid <= 1 || pid === process.pid || !Number.isSafeInteger(pid)) throw new Error(`pid file ${file} holds pid ${pid}, which is not a TURN server`);
+  return pid;
+}
+
+async function systemctlKill(unit: string, signal: NodeJS.Signals, opts: ActionOptions): Promise<string> {
+  const systemctl = systemctlPath(opts.env);
+  const argv = [systemctl, 'kill', '--kill-whom=main', `--signal=${signal}`, unit];
+  try {
+    await runProgram(argv, opts);
+    return argv.join(' ');
+  } catch (err) {
+    // systemd before 252 knows the option only by its old name.
+    if (!/unrecognized option|unknown option/i.test((err as Error).message)) throw err;
+    const old = [systemctl, 'kill', '--kill-who=main', `--signal=${signal}`, unit];
+    await runProgram(old, opts);
+    return old.join(' ');
+  }
+}
+
+export async function runAction(action: CertAction, paths: DeployedPaths, opts: ActionOptions): Promise<ActionDone> {
+  switch (action.kind) {
+    case 'signal': {
+      if (action.systemdUnit !== null) return { what: await systemctlKill(action.systemdUnit, action.signal, opts) };
+      const pid = await readPidFile(action.pidFile!);
+      process.kill(pid, action.signal);
+      return { what: `kill -${action.signal} ${pid} (from ${action.pidFile})` };
+    }
+    case 'restart': {
+      const argv = [systemctlPath(opts.env), 'restart', action.systemdUnit];
+      await runProgram(argv, opts);
+      return { what: argv.join(' ') };
+    }
+    case 'exec': {
+      const argv = execArgv(action.argv, paths);
+      await runProgram(argv, opts);
+      return { what: argv.join(' ') };
+    }
+  }
+}

@@ -1,0 +1,93 @@
+// copy_to: the pair written where the TURN server reads it, as <name>.crt (full chain) and
+// <name>.key. Each file is written to a temporary file in the same directory with its final mode,
+// flushed, and renamed over the old one, so a reader sees the old file or the new one, never a
+// part. The key goes first, as Caddy does it: a reader that notices the new certificate finds its
+// key already there.
+import { randomBytes } from 'node:crypto';
+import { mkdir, open, rename, stat, unlink } from 'node:fs/promises';
+import { basename, dirname, join } from 'node:path';
+import type { CertwatchConfig } from '../config/types.ts';
+import type { Candidate } from './find.ts';
+import { readPair } from './find.ts';
+
+export interface DeployedPaths {
+  readonly cert: string;
+  readonly key: string;
+}
+
+export function copyToPaths(copyTo: NonNullable<CertwatchConfig['copyTo']>, name: string): DeployedPaths {
+  return { cert: join(copyTo.dir, `${name}.crt`), key: join(copyTo.dir, `${name}.key`) };
+}
+
+/** What copy_to holds now, judged like any other pair (null: nothing there yet). */
+export async function readCopyTo(config: CertwatchConfig, now = new Date()): Promise<Candidate | null> {
+  if (config.copyTo === null) return null;
+  const p = copyToPaths(config.copyTo, config.name);
+  return readPair(p.cert, p.cert, p.key, config.domain, false, now);
+}
+
+/**
+ * Writes `data` to `file` atomically with `mode`. The owner and group of the file it replaces are
+ * kept; a new file takes the group of its directory (chgrp the directory to the TURN server's
+ * group once, and every renewal stays readable to it). Returns a warning when the group could not
+ * be set (not root, and not a member of that group).
+ */
+export async function writeFileAtomic(file: string, data: Buffer, mode: number): Promise<string | null> {
+  const dir = dirname(file);
+  let owner: { uid: number; gid: number };
+  try {
+    const old = await stat(file);
+    owner = { uid: old.uid, gid: old.gid };
+  } catch {
+    const d = await stat(dir);
+    owner = { uid: process.getuid?.() ?? -1, gid: d.gid };
+  }
+  const tmp = join(dir, `.${basename(file)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
+  let warning: string | null = null;
+  const fh = await open(tmp, 'wx', mode);
+  try {
+    try {
+      await fh.writeFile(data);
+      await fh.chmod(mode); // open()'s mode is filtered by the umask
+      const now = await fh.stat();
+      if (owner.uid >= 0 && (now.uid !== owner.uid || now.gid !== owner.gid)) {
+        try {
+          await fh.chown(owner.uid, owner.gid);
+        } catch (err) {
+          warning = `could not give ${file} uid ${owner.uid} gid ${owner.gid}: ${(err as Error).message}`;
+        }
+      }
+      await fh.sync();
+    } finally {
+      await fh.close();
+    }
+    await rename(tmp, file);
+  } catch (err) {
+    await unlink(tmp).catch(() => {});
+    throw err;
+  }
+  // The rename itself is durable only once the directory is.
+  const dh = await open(dir, 'r');
+  try {
+    await dh.sync();
+  } catch {
+    // Some filesystems refuse fsync on a directory; the rename has happened either way.
+  } finally {
+    await dh.close();
+  }
+  return warning;
+}
+
+/** Writes the pair to copy_to (key, then certificate). Returns warnings worth logging. */
+export async function writeCopyTo(
+  copyTo: NonNullable<CertwatchConfig['copyTo']>, name: string, pair: { readonly cert: Buffer; readonly key: Buffer },
+): Promise<string[]> {
+  await mkdir(copyTo.dir, { recursive: true, mode: 0o755 });
+  const p = copyToPaths(copyTo, name);
+  const warnings: string[] = [];
+  const wk = await writeFileAtomic(p.key, pair.key, copyTo.mode);
+  if (wk !== null) warnings.push(wk);
+  const wc = await writeFileAtomic(p.cert, pair.cert, copyTo.mode);
+  if (wc !== null) warnings.push(wc);
+  return warnings;
+}

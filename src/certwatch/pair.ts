@@ -1,0 +1,141 @@
+// A certificate and its key, read as bytes and judged without I/O: does the PEM parse, does the
+// key match the leaf, is it valid now, does it cover the domain. The reasons a pair is refused are
+// the `reason` label of cert_invalid_total.
+import { X509Certificate, createHash, createPrivateKey } from 'node:crypto';
+
+export type InvalidReason =
+  | 'missing' // a file of the pair does not exist
+  | 'unreadable' // it exists but cannot be read (permissions)
+  | 'parse_error' // not PEM, or cut short
+  | 'key_mismatch'
+  | 'expired'
+  | 'not_yet_valid'
+  | 'wrong_name'; // does not cover the domain
+
+export const INVALID_REASONS: readonly InvalidReason[] = [
+  'missing', 'unreadable', 'parse_error', 'key_mismatch', 'expired', 'not_yet_valid', 'wrong_name',
+];
+
+/** What is known of a leaf certificate that parsed, whether or not the pair is usable. */
+export interface Leaf {
+  /** SHA-256 of the leaf's DER, "AB:CD:…" as openssl and node print it. */
+  readonly fingerprint: string;
+  readonly notBefore: Date;
+  readonly notAfter: Date;
+  readonly subject: string;
+  readonly names: string;
+  /** sha256 over the DER of every certificate in the chain: the same leaf with other intermediates differs. */
+  readonly chainHash: string;
+}
+
+/** A pair fit to deploy: the exact bytes that were judged, and its leaf. */
+export interface GoodPair {
+  readonly ok: true;
+  readonly leaf: Leaf;
+  /** The full chain as read (leaf first), written unchanged to copy_to. */
+  readonly cert: Buffer;
+  readonly key: Buffer;
+  /** sha256 over both files' bytes: tells a rewrite of the same pair from a change. */
+  readonly contentHash: string;
+}
+
+export interface BadPair {
+  readonly ok: false;
+  readonly reason: InvalidReason;
+  readonly detail: string;
+  /** The leaf, when the certificate parsed (so the pair can still be ordered by notBefore). */
+  readonly leaf: Leaf | null;
+  readonly contentHash: string;
+}
+
+export type PairVerdict = GoodPair | BadPair;
+
+const PEM_CERT = /-----BEGIN CERTIFICATE-----\r?\n[\s\S]*?-----END CERTIFICATE-----/g;
+
+/**
+ * The certificates of a PEM chain, in file order. A block that begins but does not end (a file
+ * read while it was being rewritten in place) makes the whole chain unreadable, not shorter.
+ */
+export function splitChain(pem: string): X509Certificate[] {
+  const blocks = pem.match(PEM_CERT) ?? [];
+  const begins = pem.split('-----BEGIN CERTIFICATE-----').length - 1;
+  if (blocks.length === 0) throw new Error('no PEM certificate block');
+  if (begins !== blocks.length) throw new Error(`${begins} PEM blocks begin but ${blocks.length} certificates end (truncated file?)`);
+  return blocks.map((b, i) => {
+    try {
+      return new X509Certificate(b);
+    } catch (err) {
+      throw new Error(`certificate ${i + 1} of the chain: ${(err as Error).message}`);
+    }
+  });
+}
+
+function leafOf(chain: readonly X509Certificate[]): Leaf {
+  const x509 = chain[0];
+  const h = createHash('sha256');
+  for (const c of chain) h.update(c.raw);
+  return {
+    chainHash: h.digest('hex'),
+    fingerprint: x509.fingerprint256,
+    notBefore: x509.validFromDate,
+    notAfter: x509.validToDate,
+    // Caddy's own CA (issuer "local") and some ACME CAs issue certificates with an empty subject:
+    // node reports it as undefined.
+    subject: (x509.subject ?? '').replace(/\n/g, ', '),
+    names: x509.subjectAltName ?? '',
+  };
+}
+
+/**
+ * True when the certificate serves `domain`. A wildcard domain ("*.example.com") needs that very
+ * wildcard among the names; a plain one is matched the way a TLS client would (one-label wildcards).
+ */
+export function coversDomain(x509: X509Certificate, domain: string): boolean {
+  if (domain.startsWith('*.')) {
+    const names = (x509.subjectAltName ?? '').split(/,\s*/);
+    return names.some((n) => n.toLowerCase() === `dns:${domain}`);
+  }
+  return x509.checkHost(domain, { subject: 'default', wildcards: true, partialWildcards: false }) !== undefined;
+}
+
+export function contentHash(cert: Buffer | null, key: Buffer | null): string {
+  const h = createHash('sha256');
+  h.update(cert ?? Buffer.alloc(0));
+  h.update('\0');
+  h.update(key ?? Buffer.alloc(0));
+  return h.digest('hex');
+}
+
+/** Judges a pair read from disk (null: the file does not exist). */
+export function judgePair(cert: Buffer | null, key: Buffer | null, domain: string, now: Date = new Date()): PairVerdict {
+  const hash = contentHash(cert, key);
+  const bad = (reason: InvalidReason, detail: string, leaf: Leaf | null = null): BadPair => ({
+    ok: false, reason, detail, leaf, contentHash: hash,
+  });
+  if (cert === null) return bad('missing', 'the certificate file does not exist');
+  let chain: X509Certificate[];
+  try {
+    chain = splitChain(cert.toString('latin1'));
+  } catch (err) {
+    return bad('parse_error', `certificate: ${(err as Error).message}`);
+  }
+  const x509 = chain[0];
+  let leaf: Leaf;
+  try {
+    leaf = leafOf(chain);
+  } catch (err) {
+    return bad('parse_error', `certificate: ${(err as Error).message}`);
+  }
+  if (key === null) return bad('missing', 'the key file does not exist', leaf);
+  let matches: boolean;
+  try {
+    matches = x509.checkPrivateKey(createPrivateKey(key));
+  } catch (err) {
+    return bad('parse_error', `key: ${(err as Error).message}`, leaf);
+  }
+  if (!matches) return bad('key_mismatch', 'the key does not belong to the certificate', leaf);
+  if (now < leaf.notBefore) return bad('not_yet_valid', `valid from ${leaf.notBefore.toISOString()}`, leaf);
+  if (now > leaf.notAfter) return bad('expired', `expired at ${leaf.notAfter.toISOString()}`, leaf);
+  if (!coversDomain(x509, domain)) return bad('wrong_name', `does not cover ${domain} (${leaf.names || leaf.subject})`, leaf);
+  return { ok: true, leaf, cert, key, contentHash: hash };
+}

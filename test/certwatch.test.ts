@@ -1,0 +1,770 @@
+// The cert watcher against real files and a real coturn: a Caddy-shaped storage tree is renewed the
+// way Caddy writes it, and the TLS certificate coturn serves, coturn's relays, the files in copy_to
+// and the programs run on a change show what happened. Certificates come from openssl (`openssl ca`
+// gives them the exact validity dates a test needs: older, newer, expired).
+//
+// coturn (turnserver, turnutils_peer, turnutils_uclient) is a Debian package. Outside CI a missing
+// one skips the tests that need it; in CI (CI=true) it fails them.
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { X509Certificate } from 'node:crypto';
+import {
+  chmodSync, chownSync, closeSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync,
+} from 'node:fs';
+import { join } from 'node:path';
+import tls from 'node:tls';
+import { describe, test } from 'node:test';
+import { inspectCertwatch, startCertwatch, type CertwatchHandle } from '../src/certwatch/index.ts';
+import type { CertAction, CertwatchConfig } from '../src/config/types.ts';
+import { Metrics } from '../src/metrics/metrics.ts';
+import { memoryLogger, metricValue, sleep, startRouter, tempDir, waitFor } from './helpers.ts';
+import { Proc, runUclient, startCoturn, startTurnPeer, toolGate } from './support/turn.ts';
+
+const coturnGate = toolGate(['turnserver', 'turnutils_peer', 'turnutils_uclient']);
+const DOMAIN = 'cdn.example.com';
+const LE = 'acme-v02.api.letsencrypt.org-directory';
+const ZEROSSL = 'acme.zerossl.com-v2-dv90';
+const STAGING = 'acme-staging-v02.api.letsencrypt.org-directory';
+const HOUR = 3600_000;
+const DAY = 24 * HOUR;
+/** The bound the issue sets from Caddy's last write to the TURN server serving the new certificate. */
+const RELOAD_BOUND_MS = 5000;
+
+// ---------------------------------------------------------------------------------------------
+// Certificates with chosen dates
+
+interface Issued {
+  readonly cert: Buffer; // leaf + CA, as Caddy stores a chain
+  readonly key: Buffer;
+  readonly fingerprint: string;
+  readonly notAfter: Date;
+}
+
+function opensslDate(d: Date): string {
+  return `${d.toISOString().replace(/[-:T]/g, '').slice(0, 14)}Z`;
+}
+
+/** A throwaway CA that issues EC leaf certificates valid exactly from..to, via `openssl ca`. */
+class TestCa {
+  readonly #dir: string;
+  #n = 0;
+  constructor(dir: string) {
+    this.#dir = join(dir, 'ca');
+    mkdirSync(this.#dir, { recursive: true });
+    writeFileSync(join(this.#dir, 'index.txt'), '');
+    writeFileSync(join(this.#dir, 'serial'), '1000\n');
+    writeFileSync(join(this.#dir, 'ca.cnf'), [
+      '[ca]', 'default_ca = test', '[test]', `database = ${this.#dir}/index.txt`, `new_certs_dir = ${this.#dir}`,
+      `serial = ${this.#dir}/serial`, 'default_md = sha256', 'policy = any', 'unique_subject = no',
+      'copy_extensions = copy', '[any]', 'commonName = optional', '',
+    ].join('\n'));
+    execFileSync('openssl', [
+      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '3650',
+      '-subj', '/CN=sni-router test CA', '-keyout', join(this.#dir, 'ca.key'), '-out', join(this.#dir, 'ca.crt'),
+    ], { stdio: 'ignore' });
+  }
+
+  /** `subject: ''` issues with an empty subject, names in subjectAltName only, as Caddy's own CA does. */
+  issue(names: readonly string[], from: Date, to: Date, opts: { subject?: string } = {}): Issued {
+    const n = ++this.#n;
+    const key = join(this.#dir, `${n}.key`);
+    const csr = join(this.#dir, `${n}.csr`);
+    const crt = join(this.#dir, `${n}.crt`);
+    execFileSync('openssl', [
+      'req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+      '-subj', opts.subject === '' ? '/' : `/CN=${opts.subject ?? names[0]}`,
+      '-addext', `subjectAltName=${names.map((s) => `DNS:${s}`).join(',')}`, '-keyout', key, '-out', csr,
+    ], { stdio: 'ignore' });
+    execFileSync('openssl', [
+      'ca', '-batch', '-notext', '-config', join(this.#dir, 'ca.cnf'), '-cert', join(this.#dir, 'ca.crt'),
+      '-keyfile', join(this.#dir, 'ca.key'), '-startdate', opensslDate(from), '-enddate', opensslDate(to),
+      '-in', csr, '-out', crt,
+    ], { stdio: 'ignore' });
+    const leaf = readFileSync(crt);
+    const x509 = new X509Certificate(leaf);
+    return {
+      cert: Buffer.concat([leaf, readFileSync(join(this.#dir, 'ca.crt'))]),
+      key: readFileSync(key),
+      fingerprint: x509.fingerprint256,
+      notAfter: x509.validToDate,
+    };
+  }
+
+  /** A certificate for DOMAIN issued `agoMs` before now, valid for 90 days from then. */
+  renewal(agoMs: number, names: readonly string[] = [DOMAIN], opts: { subject?: string } = {}): Issued {
+    const from = new Date(Date.now() - agoMs);
+    return this.issue(names, from, new Date(from.getTime() + 90 * DAY), opts);
+  }
+}
+
+function fingerprintOf(certPem: Buffer): string {
+  return new X509Certificate(certPem).fingerprint256;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A Caddy storage tree, written the way Caddy writes it
+
+class CaddyStorage {
+  readonly root: string;
+  constructor(root: string) {
+    this.root = root;
+  }
+
+  dir(issuer: string, key = DOMAIN): string {
+    return join(this.root, 'certificates', issuer, key);
+  }
+
+  /** Caddy ≥ 2.9: key, then certificate, then metadata, each to a temp file renamed into place. */
+  renew(issuer: string, pair: { cert: Buffer; key: Buffer }, key = DOMAIN): void {
+    const dir = this.dir(issuer, key);
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const put = (name: string, data: Buffer | string) => {
+      const tmp = join(dir, `.${name}.tmp${Math.random().toString(36).slice(2)}`);
+      writeFileSync(tmp, data, { mode: 0o600 });
+      renameSync(tmp, join(dir, name));
+    };
+    put(`${key}.key`, pair.key);
+    put(`${key}.crt`, pair.cert);
+    put(`${key}.json`, JSON.stringify({ sans: [DOMAIN], issuer_data: { url: `https://${issuer}/cert/1` } }));
+  }
+
+  /**
+   * Older Caddy: each file truncated and rewritten in place. The certificate goes in two writes
+   * with `pauseMs` between them, longer than the debounce, so the watcher does see a torn file.
+   */
+  async renewInPlace(issuer: string, pair: { cert: Buffer; key: Buffer }, pauseMs: number): Promise<void> {
+    const dir = this.dir(issuer);
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    writeFileSync(join(dir, `${DOMAIN}.key`), pair.key, { mode: 0o600 });
+    const fd = openSync(join(dir, `${DOMAIN}.crt`), 'w', 0o600);
+    try {
+      const half = Math.floor(pair.cert.length / 3);
+      writeSync(fd, pair.cert, 0, half);
+      await sleep(pauseMs);
+      writeSync(fd, pair.cert, half, pair.cert.length - half);
+    } finally {
+      closeSync(fd);
+    }
+    writeFileSync(join(dir, `${DOMAIN}.json`), JSON.stringify({ sans: [DOMAIN] }), { mode: 0o600 });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A program that records how it was called (stands in for reload scripts and for systemctl)
+
+interface Call {
+  readonly at: number;
+  readonly status: number;
+  readonly args: string[];
+}
+
+function recorder(dir: string, name: string, opts: { failFirst?: number; rejectKillWhom?: boolean } = {}) {
+  const path = join(dir, name);
+  const log = join(dir, `${name}.calls`);
+  const count = join(dir, `${name}.count`);
+  writeFileSync(path, `#!/bin/sh
+n=$(cat '${count}' 2>/dev/null || echo 0); n=$((n+1)); echo "$n" > '${count}'
+status=0
+if [ "$n" -le ${opts.failFirst ?? 0} ]; then status=3; fi
+${opts.rejectKillWhom === true ? `case "$*" in *--kill-whom=*) status=1;; esac` : ''}
+{ printf '%s\\t%s' "$(date +%s%3N)" "$status"; printf '\\t%s' "$@"; printf '\\n'; } >> '${log}'
+if [ "$status" = 1 ]; then echo "systemctl: unrecognized option '--kill-whom=main'" >&2; fi
+if [ "$status" = 3 ]; then echo "reload failed (simulated)" >&2; fi
+exit "$status"
+`);
+  chmodSync(path, 0o755);
+  const calls = (): Call[] => {
+    let text = '';
+    try {
+      text = readFileSync(log, 'utf8');
+    } catch {
+      return [];
+    }
+    return text.split('\n').filter((l) => l !== '').map((l) => {
+      const [at, status, ...args] = l.split('\t');
+      return { at: Number(at), status: Number(status), args };
+    });
+  };
+  return { path, calls };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running a watcher
+
+function entry(over: Partial<CertwatchConfig>): CertwatchConfig {
+  return {
+    name: 'cdn', domain: DOMAIN, caddyStorage: null, cert: null, key: null, copyTo: null, onChange: null,
+    minIntervalMs: 30_000, debounceMs: 500, ...over,
+  };
+}
+
+interface Running {
+  readonly handle: CertwatchHandle;
+  readonly metrics: Metrics;
+  readonly logs: Array<Record<string, unknown>>;
+  metric(name: string, labels?: Record<string, string>): Promise<number>;
+  /** Fails with the watcher's log when cond does not hold in time. */
+  waitFor(cond: () => boolean | Promise<boolean>, ms: number, what: string): Promise<void>;
+}
+
+async function run(configs: CertwatchConfig[], env?: NodeJS.ProcessEnv): Promise<Running> {
+  const metrics = new Metrics({ defaultMetrics: false });
+  const { logger, lines } = memoryLogger('debug');
+  const handle = await startCertwatch(configs, { logger, metrics, env });
+  const metric = async (name: string, labels: Record<string, string> = {}) => metricValue(await metrics.registry.metrics(), name, labels);
+  return {
+    handle, metrics, logs: lines, metric,
+    async waitFor(cond, ms, what) {
+      try {
+        await waitFor(cond, ms, what);
+      } catch (err) {
+        const tail = lines.slice(-25).map((l) => JSON.stringify(l)).join('\n');
+        throw new Error(`${(err as Error).message}\n--- certwatch log (tail) ---\n${tail}`);
+      }
+    },
+  };
+}
+
+const reloads = (r: Running, result: string) => r.metric('sni_router_cert_reloads_total', { cert: 'cdn', result });
+const invalid = (r: Running, reason: string) => r.metric('sni_router_cert_invalid_total', { cert: 'cdn', reason });
+const logged = (r: Running, msg: string) => r.logs.some((l) => l.msg === msg);
+
+/** The SHA-256 fingerprint of the certificate a TLS server presents. */
+function servedFingerprint(port: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const s = tls.connect({ host: '127.0.0.1', port, servername: DOMAIN, rejectUnauthorized: false });
+    const timer = setTimeout(() => {
+      s.destroy();
+      reject(new Error('TLS handshake timed out'));
+    }, 4000);
+    s.on('secureConnect', () => {
+      clearTimeout(timer);
+      const fp = s.getPeerCertificate().fingerprint256;
+      s.destroy();
+      resolve(fp);
+    });
+    s.on('error', (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+  });
+}
+
+function copyFiles(dir: string): { cert: string; key: string } {
+  return { cert: join(dir, 'cdn.crt'), key: join(dir, 'cdn.key') };
+}
+
+/** What a previous run left in copy_to. */
+function seedCopyTo(dir: string, pair: Issued): void {
+  mkdirSync(dir, { recursive: true });
+  writeFileSync(copyFiles(dir).cert, pair.cert, { mode: 0o640 });
+  writeFileSync(copyFiles(dir).key, pair.key, { mode: 0o640 });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+describe('certwatch', { concurrency: true }, () => {
+  /**
+   * One coturn reading copy_to, told by SIGUSR2 through its pid file; storage starts with `first`
+   * and copy_to already holds it (as a previous run of the router left it).
+   */
+  async function withCoturn(
+    name: string,
+    body: (ctx: { storage: CaddyStorage; ca: TestCa; coturnPort: number; coturnLog: () => string; coturnPid: number; r: Running; first: Issued; copyDir: string; peerPort: number }) => Promise<void>,
+  ): Promise<void> {
+    coturnGate.check();
+    const { dir, cleanup } = tempDir(`sni-router-certwatch-${name}-`);
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    const first = ca.renewal(30 * DAY);
+    storage.renew(LE, first);
+    const copyDir = join(dir, 'turn-certs');
+    seedCopyTo(copyDir, first);
+    const coturn = await startCoturn({
+      certFile: copyFiles(copyDir).cert, keyFile: copyFiles(copyDir).key, users: { u: 'p' }, dir, startMs: 30_000,
+    });
+    let peer: { port: number; stop(): Promise<void> } | null = null;
+    let r: Running | null = null;
+    try {
+      peer = await startTurnPeer(30_000);
+      r = await run([entry({
+        caddyStorage: storage.root,
+        copyTo: { dir: copyDir, mode: 0o640 },
+        onChange: { kind: 'signal', systemdUnit: null, pidFile: coturn.pidFile, signal: 'SIGUSR2' },
+      })]);
+      const running = r;
+      await running.waitFor(() => logged(running, 'the deployed certificate is the newest'), 15_000, 'the first scan');
+      assert.equal(await servedFingerprint(coturn.tlsPort), first.fingerprint);
+      await body({
+        storage, ca, coturnPort: coturn.tlsPort, coturnLog: () => coturn.log(), coturnPid: coturn.pid, r, first, copyDir, peerPort: peer.port,
+      });
+    } finally {
+      await r?.handle.stop();
+      await peer?.stop();
+      await coturn.stop();
+      cleanup();
+    }
+  }
+
+  /** Polls what coturn serves until it is `fingerprint`; returns how long that took. */
+  async function untilServed(port: number, fingerprint: string, since: number, r: Running): Promise<number> {
+    let last = '';
+    try {
+      await r.waitFor(async () => {
+        last = await servedFingerprint(port).catch((err: Error) => `error: ${err.message}`);
+        return last === fingerprint;
+      }, RELOAD_BOUND_MS - (Date.now() - since), `coturn to serve ${fingerprint}`);
+    } catch (err) {
+      throw new Error(`${(err as Error).message}
+--- coturn still serves: ${last}`);
+    }
+    return Date.now() - since;
+  }
+
+  async function assertAllocationWorks(coturnPort: number, peerPort: number): Promise<void> {
+    const u = await runUclient({ port: coturnPort, user: 'u', password: 'p', peerPort, messages: 5, clients: 1, timeoutMs: 45_000 });
+    assert.ok(u.sent > 0 && u.received === u.sent, `turnutils_uclient relayed ${u.received} of ${u.sent}:\n${u.output.slice(-2000)}`);
+  }
+
+  test('a renewal written the way Caddy ≥ 2.9 writes it reaches coturn within 5 s, and allocations still work', { skip: coturnGate.skip }, async (t) => {
+    await withCoturn('caddy29', async ({ storage, ca, coturnPort, coturnLog, coturnPid, r, copyDir, peerPort }) => {
+      assert.equal(await reloads(r, 'ok'), 0, 'copy_to already held the newest pair: nothing to do at start');
+      const next = ca.renewal(HOUR);
+      // An allocation that is relaying while coturn reloads: 50 packets, one every 100 ms.
+      const spanning = new Proc('turnutils_uclient', [
+        '-t', '-S', '-c', '-n', '50', '-z', '100', '-e', '127.0.0.1', '-r', String(peerPort), '-u', 'u', '-w', 'p',
+        '-p', String(coturnPort), '127.0.0.1',
+      ]);
+      try {
+        await r.waitFor(() => /ALLOCATE processed, success/.test(coturnLog()), 20_000, 'the spanning allocation');
+        const wrote = Date.now();
+        storage.renew(LE, next);
+        const ms = await untilServed(coturnPort, next.fingerprint, wrote, r);
+        t.diagnostic(`coturn served the renewed certificate ${ms} ms after Caddy's last rename`);
+        assert.ok(spanning.running, 'the spanning allocation was still relaying when coturn reloaded');
+        assert.ok(await spanning.exited(45_000), 'turnutils_uclient finished');
+        // The reload lands early in its 5 s of sending, so most packets cross the relay after it. A
+        // few UDP datagrams may drop on a loopback starved by other suites; a dropped session would
+        // lose every packet after the reload.
+        const totals = [...spanning.output.matchAll(/start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)\s*$/gm)].at(-1);
+        const [sent, received] = totals === undefined ? [0, 0] : [Number(totals[1]), Number(totals[2])];
+        assert.ok(sent === 50 && received >= 45,
+          `the allocation open across the reload relayed ${received} of ${sent} packets:\n${spanning.output.slice(-1500)}`);
+        t.diagnostic(`the allocation open across the reload relayed ${received} of ${sent} packets`);
+      } finally {
+        await spanning.stop();
+      }
+
+      assert.match(coturnLog(), /Reloading TLS certificates and keys/, 'coturn reloaded on SIGUSR2');
+      assert.equal(process.kill(coturnPid, 0), true, 'the same coturn process (reloaded, not restarted)');
+      assert.equal(await reloads(r, 'ok'), 1);
+      assert.equal(await r.metric('sni_router_cert_not_after_timestamp_seconds', { cert: 'cdn' }), next.notAfter.getTime() / 1000);
+      const files = copyFiles(copyDir);
+      assert.deepEqual(readFileSync(files.cert), next.cert, 'copy_to holds the full chain as Caddy stored it');
+      assert.deepEqual(readFileSync(files.key), next.key);
+      assert.equal(statSync(files.cert).mode & 0o777, 0o640);
+      assert.equal(statSync(files.key).mode & 0o777, 0o640);
+      await assertAllocationWorks(coturnPort, peerPort);
+    });
+  });
+
+  test('a renewal rewritten in place (older Caddy) reaches coturn within 5 s; the torn file in between is waited out', { skip: coturnGate.skip }, async (t) => {
+    await withCoturn('inplace', async ({ storage, ca, coturnPort, r, peerPort }) => {
+      const next = ca.renewal(HOUR);
+      // The certificate stays cut short for longer than the debounce: the watcher reads it torn.
+      await storage.renewInPlace(LE, next, 2000);
+      const wrote = Date.now();
+      const ms = await untilServed(coturnPort, next.fingerprint, wrote, r);
+      t.diagnostic(`coturn served the rewritten certificate ${ms} ms after the last write`);
+      assert.ok(r.logs.some((l) => l.msg === 'certificate pair not usable yet; looking again shortly'), 'the torn pair was seen and waited for');
+      assert.equal(await reloads(r, 'ok'), 1, 'one deployment: the complete pair');
+      assert.equal(await reloads(r, 'invalid'), 0, 'a pair that completes within the wait is not a failure');
+      await assertAllocationWorks(coturnPort, peerPort);
+    });
+  });
+
+  test('a mismatched key, an expired certificate, one for another name and a truncated PEM are never deployed', { skip: coturnGate.skip }, async () => {
+    await withCoturn('bad', async ({ storage, ca, coturnPort, coturnLog, r, first, copyDir }) => {
+      const other = ca.renewal(2 * HOUR);
+      const cases: Array<{ reason: string; pair: { cert: Buffer; key: Buffer } }> = [
+        { reason: 'key_mismatch', pair: { cert: ca.renewal(HOUR).cert, key: other.key } },
+        { reason: 'expired', pair: ca.issue([DOMAIN], new Date(Date.now() - 20 * DAY), new Date(Date.now() - DAY)) },
+        { reason: 'wrong_name', pair: ca.renewal(HOUR, ['other.example.com']) },
+        { reason: 'parse_error', pair: { cert: other.cert.subarray(0, Math.floor(other.cert.length / 3)), key: other.key } },
+      ];
+      for (const [i, c] of cases.entries()) {
+        storage.renew(LE, c.pair);
+        // Waited for (bounded), then counted once.
+        await r.waitFor(async () => (await invalid(r, c.reason)) === 1, 15_000, `cert_invalid_total{reason="${c.reason}"}`);
+        assert.equal(await servedFingerprint(coturnPort), first.fingerprint, `${c.reason}: coturn still serves the old certificate`);
+        assert.equal(await reloads(r, 'ok'), 0, `${c.reason}: no deployment`);
+        assert.equal(await reloads(r, 'invalid'), i + 1);
+        assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), first.fingerprint, 'copy_to untouched');
+      }
+      assert.doesNotMatch(coturnLog(), /Reloading TLS certificates/, 'coturn was never signalled');
+      // Still alive: a good renewal after all that is deployed.
+      const good = ca.renewal(HOUR / 2);
+      const wrote = Date.now();
+      storage.renew(LE, good);
+      await untilServed(coturnPort, good.fingerprint, wrote, r);
+      assert.equal(await reloads(r, 'ok'), 1);
+    });
+  });
+
+  test('ten renewals within one second cause one action, with the last of them', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-burst-');
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    const first = ca.renewal(30 * DAY);
+    storage.renew(LE, first);
+    const copyDir = join(dir, 'turn-certs');
+    seedCopyTo(copyDir, first);
+    const reload = recorder(dir, 'reload');
+    const renewals = Array.from({ length: 10 }, (_, i) => ca.renewal((10 - i) * HOUR));
+    // debounce 1 s rather than the default 500 ms: on a machine busy with other suites, a write
+    // can stall for half a second, and the burst must stay one burst for the test to mean anything.
+    const r = await run([entry({
+      caddyStorage: storage.root, copyTo: { dir: copyDir, mode: 0o640 }, onChange: { kind: 'exec', argv: [reload.path, '{cert}', '{key}'] },
+      debounceMs: 1000,
+    })]);
+    try {
+      await r.waitFor(() => logged(r, 'the deployed certificate is the newest'), 15_000, 'the first scan');
+      // One every 90 ms on a fixed schedule, so a slow write does not stretch the burst.
+      const began = Date.now();
+      const wroteAt: number[] = [];
+      for (const [i, p] of renewals.entries()) {
+        await sleep(Math.max(0, began + i * 90 - Date.now()));
+        storage.renew(LE, p);
+        wroteAt.push(Date.now());
+      }
+      const span = wroteAt[9] - began;
+      const gaps = wroteAt.slice(1).map((t, i) => t - wroteAt[i]);
+      assert.ok(span <= 1500 && gaps.every((g) => g < 1000), `a burst: the ten renewals took ${span} ms, gaps ${gaps.join(', ')} ms`);
+      await r.waitFor(() => reload.calls().length >= 1, 10_000, 'the action');
+      await sleep(2500); // anything else would have happened by now (debounce 1 s)
+      assert.equal(reload.calls().length, 1, 'one action');
+      assert.deepEqual(reload.calls()[0].args, [copyFiles(copyDir).cert, copyFiles(copyDir).key]);
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), renewals[9].fingerprint, 'the last renewal is deployed');
+      assert.equal(await reloads(r, 'ok'), 1);
+    } finally {
+      await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('a renewal within min_interval of the last action is deferred to the end of the interval, not dropped', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-interval-');
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    storage.renew(LE, ca.renewal(30 * DAY));
+    const copyDir = join(dir, 'turn-certs');
+    const reload = recorder(dir, 'reload');
+    // copy_to is empty: the first pair is deployed and acted on at start.
+    const r = await run([entry({
+      caddyStorage: storage.root, copyTo: { dir: copyDir, mode: 0o640 }, onChange: { kind: 'exec', argv: [reload.path] }, minIntervalMs: 3000,
+    })]);
+    try {
+      await r.waitFor(() => reload.calls().length === 1, 10_000, 'the action at start');
+      const second = ca.renewal(2 * HOUR);
+      const third = ca.renewal(HOUR);
+      storage.renew(LE, second);
+      await sleep(800);
+      storage.renew(ZEROSSL, third);
+      await r.waitFor(() => reload.calls().length === 2, 10_000, 'the deferred action');
+      const [a, b] = reload.calls();
+      assert.ok(b.at - a.at >= 2900, `the second action came ${b.at - a.at} ms after the first (min_interval 3 s)`);
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), third.fingerprint, 'the latest pair is the one acted on');
+      assert.ok(logged(r, 'certificate deployment deferred by min_interval'));
+      await sleep(1000);
+      assert.equal(reload.calls().length, 2);
+    } finally {
+      await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('a renewal while the router is stopped is acted on at start; an unchanged copy_to is not', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-restart-');
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    storage.renew(LE, ca.renewal(30 * DAY));
+    const copyDir = join(dir, 'turn-certs');
+    const reload = recorder(dir, 'reload');
+    const yaml = `
+fallback: { name: caddy, addr: "127.0.0.1:1" }
+certwatch:
+  - name: cdn
+    domain: ${DOMAIN}
+    caddy_storage: ${storage.root}
+    copy_to: { dir: ${copyDir}, mode: "0640" }
+    on_change:
+      exec: ["${reload.path}", "{cert}", "{key}"]
+`;
+    const once = async (expectCalls: number) => {
+      const router = await startRouter(yaml);
+      try {
+        await waitFor(() => reload.calls().length === expectCalls && router.logs.some((l) => l.msg === 'the deployed certificate is the newest' || l.msg === 'certificate deployed'), 15_000, `${expectCalls} actions`);
+        await sleep(300);
+        assert.equal(reload.calls().length, expectCalls);
+      } finally {
+        await router.stop();
+      }
+    };
+    try {
+      await once(1); // first run: copy_to was empty
+      const renewed = ca.renewal(HOUR);
+      storage.renew(ZEROSSL, renewed); // while the router is down
+      await once(2);
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), renewed.fingerprint);
+      await once(2); // nothing changed while it was down: no action
+      rmSync(copyFiles(copyDir).key); // copy_to lost its key: what it holds is not the pair any more
+      await once(3);
+      assert.deepEqual(readFileSync(copyFiles(copyDir).key), renewed.key);
+    } finally {
+      cleanup();
+    }
+  });
+
+  test('a renewal into another issuer directory (Let\'s Encrypt → ZeroSSL) is found; an older pair elsewhere is not used', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-issuer-');
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    const first = ca.renewal(30 * DAY);
+    storage.renew(LE, first);
+    const copyDir = join(dir, 'turn-certs');
+    seedCopyTo(copyDir, first);
+    const reload = recorder(dir, 'reload');
+    const r = await run([entry({
+      caddyStorage: storage.root, copyTo: { dir: copyDir, mode: 0o640 }, onChange: { kind: 'exec', argv: [reload.path] }, minIntervalMs: 0,
+    })]);
+    try {
+      await r.waitFor(() => logged(r, 'the deployed certificate is the newest'), 15_000, 'the first scan');
+      const zerossl = ca.renewal(HOUR);
+      storage.renew(ZEROSSL, zerossl); // a new issuer directory, created by the renewal
+      await r.waitFor(() => reload.calls().length === 1, 10_000, 'the action for the ZeroSSL pair');
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), zerossl.fingerprint);
+      // A valid pair issued earlier, appearing in the staging directory, does not replace it…
+      const scans = () => r.logs.filter((l) => l.msg === 'certificates scanned').length;
+      let before = scans();
+      storage.renew(STAGING, ca.renewal(2 * HOUR));
+      await r.waitFor(() => scans() > before, 10_000, 'a scan after the staging pair appeared');
+      // …nor when the ZeroSSL directory goes away (storage cleaned) and only older pairs are left.
+      before = scans();
+      rmSync(join(storage.root, 'certificates', ZEROSSL), { recursive: true });
+      await r.waitFor(() => scans() > before && logged(r, 'ignoring a certificate issued no later than the deployed one'), 10_000, 'the older pairs to be refused');
+      await sleep(700);
+      assert.equal(reload.calls().length, 1, 'no action for an older pair');
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), zerossl.fingerprint);
+    } finally {
+      await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('a broken newest pair never makes the watcher fall back to an older pair in another issuer directory', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-nofallback-');
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    storage.renew(LE, ca.renewal(30 * DAY)); // older, valid
+    const newest = ca.renewal(HOUR);
+    storage.renew(ZEROSSL, { cert: newest.cert, key: ca.renewal(2 * HOUR).key }); // newer, key does not match
+    const reload = recorder(dir, 'reload');
+    // No copy_to: nothing is known to be deployed, so any good pair would be acted on at start.
+    const r = await run([entry({ caddyStorage: storage.root, onChange: { kind: 'exec', argv: [reload.path, '{cert}'] }, minIntervalMs: 0 })]);
+    try {
+      await r.waitFor(async () => (await invalid(r, 'key_mismatch')) === 1, 15_000, 'the mismatch to be counted');
+      assert.ok(logged(r, 'the newest certificate pair is not usable; keeping the deployed one'));
+      assert.equal(reload.calls().length, 0, 'the older Let\'s Encrypt pair was not used');
+      // The ZeroSSL key arrives: now the newest pair is whole.
+      storage.renew(ZEROSSL, newest);
+      await r.waitFor(() => reload.calls().length === 1, 10_000, 'the action');
+      assert.deepEqual(reload.calls()[0].args, [join(storage.dir(ZEROSSL), `${DOMAIN}.crt`)], 'without copy_to, {cert} is the source path');
+    } finally {
+      await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('a wildcard certificate (stored as wildcard_.example.com) serves a name one label below it', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-wildcard-');
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    storage.renew(LE, ca.renewal(30 * DAY)); // the name's own certificate, older
+    const wildcard = ca.renewal(HOUR, ['*.example.com']);
+    storage.renew(LE, wildcard, 'wildcard_.example.com');
+    const copyDir = join(dir, 'turn-certs');
+    const r = await run([entry({ caddyStorage: storage.root, copyTo: { dir: copyDir, mode: 0o640 } })]);
+    try {
+      await r.waitFor(async () => (await reloads(r, 'ok')) === 1, 10_000, 'the deployment');
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), wildcard.fingerprint, 'the newer wildcard pair wins');
+    } finally {
+      await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('exec runs its argv with {cert} and {key} replaced, without a shell', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-exec-');
+    const ca = new TestCa(dir);
+    const src = join(dir, 'src');
+    mkdirSync(src);
+    const pair = ca.renewal(DAY);
+    writeFileSync(join(src, 'turn.crt'), pair.cert);
+    writeFileSync(join(src, 'turn.key'), pair.key);
+    const copyDir = join(dir, 'turn-certs');
+    mkdirSync(copyDir);
+    const root = process.getuid?.() === 0;
+    if (root) chownSync(copyDir, 0, 1); // the TURN server's group, say
+    const reload = recorder(dir, 'reload');
+    const r = await run([entry({
+      cert: join(src, 'turn.crt'), key: join(src, 'turn.key'), copyTo: { dir: copyDir, mode: 0o640 }, minIntervalMs: 0,
+      onChange: { kind: 'exec', argv: [reload.path, '--cert={cert}', '{key}', '$HOME;{cert}', 'plain'] },
+    })]);
+    try {
+      await r.waitFor(() => reload.calls().length === 1, 10_000, 'the action');
+      const files = copyFiles(copyDir);
+      assert.deepEqual(reload.calls()[0].args, [`--cert=${files.cert}`, files.key, `$HOME;${files.cert}`, 'plain']);
+      assert.equal(statSync(files.key).mode & 0o777, 0o640);
+      if (root) assert.equal(statSync(files.key).gid, 1, 'a new file takes the group of the copy_to directory');
+      // Explicit paths are watched through their directory: a rename over the certificate is seen.
+      const next = ca.renewal(HOUR);
+      writeFileSync(join(src, 'turn.key.new'), next.key);
+      renameSync(join(src, 'turn.key.new'), join(src, 'turn.key'));
+      writeFileSync(join(src, 'turn.crt.new'), next.cert);
+      renameSync(join(src, 'turn.crt.new'), join(src, 'turn.crt'));
+      await r.waitFor(() => reload.calls().length === 2, 10_000, 'the second action');
+      assert.equal(fingerprintOf(readFileSync(files.cert)), next.fingerprint);
+    } finally {
+      await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('restart and signal to a systemd unit run systemctl with the right argv', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-systemctl-');
+    const ca = new TestCa(dir);
+    const src = join(dir, 'src');
+    mkdirSync(src);
+    const pair = ca.renewal(DAY);
+    writeFileSync(join(src, 'turn.crt'), pair.cert);
+    writeFileSync(join(src, 'turn.key'), pair.key);
+    const actions: Array<{ name: string; action: CertAction; systemctl: ReturnType<typeof recorder>; expect: string[][] }> = [
+      {
+        name: 'restart', action: { kind: 'restart', systemdUnit: 'livekit.service' },
+        systemctl: recorder(dir, 'systemctl-restart'), expect: [['restart', 'livekit.service']],
+      },
+      {
+        name: 'signal', action: { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, signal: 'SIGUSR2' },
+        systemctl: recorder(dir, 'systemctl-signal'), expect: [['kill', '--kill-whom=main', '--signal=SIGUSR2', 'coturn.service']],
+      },
+      {
+        // systemd < 252 knows only --kill-who: the watcher says it again that way.
+        name: 'signal-old', action: { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, signal: 'SIGHUP' },
+        systemctl: recorder(dir, 'systemctl-old', { rejectKillWhom: true }),
+        expect: [['kill', '--kill-whom=main', '--signal=SIGHUP', 'coturn.service'], ['kill', '--kill-who=main', '--signal=SIGHUP', 'coturn.service']],
+      },
+    ];
+    const running: Running[] = [];
+    try {
+      for (const a of actions) {
+        running.push(await run([entry({ name: 'cdn', cert: join(src, 'turn.crt'), key: join(src, 'turn.key'), onChange: a.action })], {
+          ...process.env, SNI_ROUTER_SYSTEMCTL: a.systemctl.path,
+        }));
+      }
+      for (const [i, a] of actions.entries()) {
+        const r = running[i];
+        await r.waitFor(async () => (await reloads(r, 'ok')) === 1, 10_000, `${a.name}: the action`);
+        assert.deepEqual(a.systemctl.calls().map((c) => c.args), a.expect, a.name);
+        assert.equal(await reloads(r, 'error'), 0, a.name);
+      }
+    } finally {
+      for (const r of running) await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('a failed action is retried with backoff, and each failure is counted', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-retry-');
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    storage.renew(LE, ca.renewal(DAY));
+    const reload = recorder(dir, 'reload', { failFirst: 2 });
+    const r = await run([entry({ caddyStorage: storage.root, onChange: { kind: 'exec', argv: [reload.path] } })]);
+    try {
+      await r.waitFor(async () => (await reloads(r, 'ok')) === 1, 15_000, 'the action to succeed');
+      const calls = reload.calls();
+      assert.deepEqual(calls.map((c) => c.status), [3, 3, 0]);
+      assert.equal(await reloads(r, 'error'), 2);
+      const gaps = [calls[1].at - calls[0].at, calls[2].at - calls[1].at];
+      assert.ok(gaps[0] >= 900 && gaps[1] >= 1900 && gaps[1] > gaps[0], `backoff between attempts: ${gaps.join(', ')} ms`);
+    } finally {
+      await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('inspectCertwatch (for sni-router check) tells which pair would be deployed and what cannot work', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-inspect-');
+    try {
+      const ca = new TestCa(dir);
+      const storage = new CaddyStorage(join(dir, 'caddy'));
+      const config = entry({
+        caddyStorage: storage.root, copyTo: { dir: join(dir, 'turn-certs'), mode: 0o640 },
+        onChange: { kind: 'signal', systemdUnit: null, pidFile: join(dir, 'turn.pid'), signal: 'SIGUSR2' },
+      });
+      const messages = async () => (await inspectCertwatch(config)).map((f) => `${f.level}: ${f.message}`);
+      const empty = await messages();
+      assert.ok(empty.some((m) => /^warn: .*certificates does not exist/.test(m)), empty.join('\n'));
+      assert.ok(empty.some((m) => /^warn: no certificate pair/.test(m)), empty.join('\n'));
+      assert.ok(empty.some((m) => /^warn: pid_file .* does not exist/.test(m)), empty.join('\n'));
+      const pair = ca.renewal(DAY);
+      storage.renew(LE, pair);
+      storage.renew(ZEROSSL, { cert: ca.renewal(HOUR).cert, key: pair.key });
+      const found = await messages();
+      assert.ok(found.some((m) => m.startsWith(`warn: ${ZEROSSL}/${DOMAIN}: key_mismatch`)), found.join('\n'));
+      assert.ok(found.some((m) => /^warn: the newest pair .* is not usable/.test(m)), found.join('\n'));
+      const whole = ca.renewal(HOUR);
+      storage.renew(ZEROSSL, whole);
+      const ready = await messages();
+      assert.ok(ready.some((m) => m.startsWith(`info: would deploy ${ZEROSSL}/${DOMAIN}: ${whole.fingerprint}`)), ready.join('\n'));
+      assert.equal(statSync(join(dir, 'caddy')).isDirectory(), true);
+      assert.throws(() => statSync(join(dir, 'turn-certs')), 'inspecting writes nothing');
+    } finally {
+      cleanup();
+    }
+  });
+
+  test('a Caddy storage directory that does not exist yet, or is removed, is waited for and watched once it is there', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-late-');
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy-not-yet'));
+    const copyDir = join(dir, 'turn-certs');
+    const r = await run([entry({ caddyStorage: storage.root, copyTo: { dir: copyDir, mode: 0o600 }, minIntervalMs: 0 })]);
+    try {
+      await r.waitFor(() => logged(r, 'waiting for the certificate directory to exist'), 5000, 'the wait to be logged');
+      // Caddy's own CA (issuer "local") issues with an empty subject: the names are in subjectAltName only.
+      const pair = ca.renewal(DAY, [DOMAIN], { subject: '' });
+      storage.renew('local', pair);
+      await r.waitFor(async () => (await reloads(r, 'ok')) === 1, 15_000, 'the deployment');
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), pair.fingerprint);
+      assert.equal(statSync(copyFiles(copyDir).key).mode & 0o777, 0o600);
+      // And a later renewal inside the directory that appeared is seen through the watch.
+      const next = ca.renewal(2 * HOUR, [DOMAIN], { subject: '' });
+      storage.renew('local', next);
+      await r.waitFor(async () => (await reloads(r, 'ok')) === 2, 10_000, 'the second deployment');
+      // The storage is wiped and filled again: the directory is watched again once it is back.
+      rmSync(join(storage.root, 'certificates'), { recursive: true });
+      await r.waitFor(() => logged(r, 'certificate directory removed; waiting for it to exist again'), 10_000, 'the removal to be noticed');
+      storage.renew(LE, ca.renewal(HOUR));
+      await r.waitFor(async () => (await reloads(r, 'ok')) === 3, 10_000, 'the deployment after the directory came back');
+      const last = ca.renewal(HOUR / 2);
+      storage.renew(LE, last);
+      await r.waitFor(async () => (await reloads(r, 'ok')) === 4, 10_000, 'a renewal in the directory that came back');
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), last.fingerprint);
+    } finally {
+      await r.handle.stop();
+      cleanup();
+      rmSync(storage.root, { recursive: true, force: true });
+    }
+  });
+});
