@@ -1,4 +1,4 @@
-// The cutover of docs/operations.md with a real Caddy: Caddy moved to its https_port behind the
+// The cutover of the README runbook with a real Caddy: Caddy moved to its https_port behind the
 // router, with the Caddyfile the compose stack ships (deploy/compose/Caddyfile, ports moved to free
 // ones). Browsers and probers see Caddy exactly as before, TURN clients reach TURN, http:// still
 // redirects to https:// without Caddy's new port, ACME TLS-ALPN-01 connections reach Caddy, and the
