@@ -33,6 +33,8 @@ const HELP = `npm run bench -- [options]
   --hellos=LIST         ClientHellos for figures 1 and 2: chromium,openssl (default: both)
   --idle-conns=N        idle connections for figure 5 (default 9500)
   --changes=N           route changes per source and run for figure 6a (default 100; 10 with --quick)
+  --workers=N           also run sni-router with workers: N (target sni-router-workers, default N 2) in the
+                        connections/s figure, unpinned (its workers share CPU 1 with the load generator)
   --recapture-openssl   capture bench/fixtures/openssl-clienthello.bin again with openssl s_client
   --help
 
@@ -49,6 +51,8 @@ interface Options {
   idleConns: number;
   changes: number;
   recapture: boolean;
+  /** workers: for sni-router-workers; 0 when --workers was not given. */
+  workers: number;
   /** --proxies was given: run exactly those, in every figure. */
   explicitTargets: boolean;
 }
@@ -64,7 +68,7 @@ function parseList<T extends string>(value: string, allowed: readonly T[], what:
 function parseOptions(argv: readonly string[]): Options {
   const o: Options = {
     quick: false, figures: [...FIGURES], targets: [...DEFAULT_TARGETS], runs: 0, hellos: ['chromium', 'openssl'],
-    idleConns: 9500, changes: 0, recapture: false, explicitTargets: false,
+    idleConns: 9500, changes: 0, recapture: false, explicitTargets: false, workers: 0,
   };
   for (const a of argv) {
     const [k, v = ''] = a.split('=', 2) as [string, string?];
@@ -77,12 +81,17 @@ function parseOptions(argv: readonly string[]): Options {
       case '--idle-conns': o.idleConns = Number(v); break;
       case '--changes': o.changes = Number(v); break;
       case '--recapture-openssl': o.recapture = true; break;
+      case '--workers': o.workers = v === '' ? 2 : Number(v); break;
       case '--help': case '-h': process.stdout.write(HELP); process.exit(0); break;
       default: throw new Error(`unknown option ${a}\n\n${HELP}`);
     }
   }
   if (o.runs === 0) o.runs = o.quick ? 1 : 3;
   if (o.changes === 0) o.changes = o.quick ? 10 : 100;
+  if (!Number.isInteger(o.workers) || o.workers < 0 || o.workers > 64) throw new Error('--workers must be 2..64');
+  if (o.workers === 1) throw new Error('--workers=1 is the sni-router target itself: give 2 or more');
+  if (o.workers > 1 && !o.targets.includes('sni-router-workers')) o.targets.push('sni-router-workers');
+  if (o.targets.includes('sni-router-workers') && o.workers === 0) o.workers = 2;
   if (!Number.isInteger(o.runs) || o.runs < 1) throw new Error('--runs must be a positive integer');
   if (!Number.isInteger(o.idleConns) || o.idleConns < 1 || o.idleConns > 9800) throw new Error('--idle-conns must be 1..9800');
   // Keep the canonical order whatever order they were given in.
@@ -255,7 +264,7 @@ async function main(): Promise<void> {
   const loadgen = buildLoadgen();
   const hellos = await loadHellos(o);
   const durations = o.quick ? QUICK_DURATIONS : FULL_DURATIONS;
-  const ctx: RunContext = { repo: REPO, loadgen, tmp, logDir, durations, settleMs: o.quick ? 200 : 500 };
+  const ctx: RunContext = { repo: REPO, loadgen, tmp, logDir, durations, settleMs: o.quick ? 200 : 500, sniRouterWorkers: o.workers };
   const vers = versions(REPO);
 
   const skippedTargets: Record<string, string> = {};
@@ -284,6 +293,7 @@ async function main(): Promise<void> {
     hellos,
     durations,
     idleConns: o.idleConns,
+    sniRouterWorkers: o.workers,
     updateChanges: o.changes,
     targets,
     figures: o.figures,
@@ -321,6 +331,7 @@ async function main(): Promise<void> {
         for (const target of targets) {
           if (figure === 'idle' && target === 'direct') continue; // no proxy, nothing to weigh
           if (target === 'nginx-64k' && figure !== 'tput' && !o.explicitTargets) continue;
+          if (target === 'sni-router-workers' && figure !== 'cps' && !o.explicitTargets) continue;
           const m = await measure(ctx, rep, figure, c, target);
           record(m, `[run ${rep}/${o.runs}] ${figure} ${c.id} ${target}`);
         }

@@ -1,20 +1,37 @@
 // Wiring: the one place that knows every part. Sources feed the composer, the composer feeds the
 // router, the server reads the router; the cert watcher and the admin server sit beside them.
+//
+// With workers > 1 this process is the primary: it keeps everything but the data plane, which
+// runs in worker processes (src/worker.ts) that the WorkerPool starts, feeds with every new table
+// and asks for metrics; `server` is then the pool, which answers for all of them.
 import type { AddressInfo } from 'node:net';
 import { startCertwatch, type CertwatchHandle } from './certwatch/index.ts';
+import { WorkerPool, type WorkerStatus } from './cluster/pool.ts';
+import type { WorkerStats } from './cluster/protocol.ts';
 import { loadConfig } from './config/load.ts';
 import type { Config } from './config/types.ts';
 import { createLogger, type Logger } from './log.ts';
 import { AdminServer } from './metrics/admin.ts';
 import { Metrics } from './metrics/metrics.ts';
-import { RouterServer } from './router/server.ts';
+import { type BackendHealth, RouterServer } from './router/server.ts';
 import { RouteTable, Router, alpnKey } from './router/table.ts';
 import { Composer } from './sources/composer.ts';
 import { createSources } from './sources/index.ts';
 
 export interface AppOptions {
+  /** Also receives the workers' log lines (sent over IPC); without it, workers write to stdout. */
   readonly logger?: Logger;
   readonly env?: NodeJS.ProcessEnv;
+}
+
+/** The data plane as the rest of the app sees it: one RouterServer, or the pool of workers. */
+export interface DataPlane {
+  /** Connections accepted and not finished (with workers: as of their last heartbeats). */
+  readonly activeConnections: number;
+  readonly trackedClientAddresses: number;
+  readonly draining: boolean;
+  backendHealth(addr: string): BackendHealth;
+  drain(graceMs: number): Promise<void>;
 }
 
 export class App {
@@ -22,8 +39,12 @@ export class App {
   readonly logger: Logger;
   readonly metrics: Metrics;
   readonly router: Router;
-  readonly server: RouterServer;
+  readonly server: DataPlane;
   readonly composer: Composer;
+  /** The in-process data plane (workers: 1), else null. */
+  readonly #local: RouterServer | null = null;
+  /** The workers (workers > 1), else null. */
+  readonly #pool: WorkerPool | null = null;
   readonly #env: NodeJS.ProcessEnv;
   #admin: AdminServer | null = null;
   #certwatch: CertwatchHandle | null = null;
@@ -38,9 +59,16 @@ export class App {
     this.metrics = new Metrics();
     this.router = new Router(new RouteTable(config.routes, config.fallback));
     this.metrics.routeTableGeneration.set(this.router.generation);
-    this.server = new RouterServer({
-      router: this.router, metrics: this.metrics, logger: this.logger, settings: config.server, accessLog: config.log.access,
-    });
+    if (config.workers > 1) {
+      this.server = this.#pool = new WorkerPool({
+        count: config.workers, router: this.router, metrics: this.metrics, logger: this.logger, listen: config.listen,
+        settings: config.server, accessLog: config.log.access, relayLogs: opts.logger !== undefined,
+      });
+    } else {
+      this.server = this.#local = new RouterServer({
+        router: this.router, metrics: this.metrics, logger: this.logger, settings: config.server, accessLog: config.log.access,
+      });
+    }
     this.composer = new Composer({ router: this.router, metrics: this.metrics, logger: this.logger });
   }
 
@@ -60,7 +88,7 @@ export class App {
     this.composer.setConfig(config.routes, config.fallback);
     if (config.admin.listen !== null) {
       this.#admin = new AdminServer({
-        metrics: async () => ({ contentType: this.metrics.registry.contentType, body: await this.metrics.registry.metrics() }),
+        metrics: async () => ({ contentType: this.metrics.registry.contentType, body: await this.metricsText() }),
         notReadyReason: () => this.notReadyReason(),
         routes: () => this.routesView(),
       }, this.logger);
@@ -68,20 +96,53 @@ export class App {
     }
     await this.composer.setSources(createSources(config.sources, { logger: this.logger }));
     this.#certwatch = await startCertwatch(config.certwatch, { logger: this.logger, metrics: this.metrics });
-    this.listenAddresses = await this.server.listen(config.listen);
+    this.listenAddresses = this.#pool !== null ? await this.#pool.start() : await this.#local!.listen(config.listen);
     this.#listening = true;
     this.logger.info({
       listen: this.listenAddresses.map((a) => (a.family === 'IPv6' ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}`)),
       admin: this.adminAddress === null ? null : `${this.adminAddress.address}:${this.adminAddress.port}`,
       routes: this.router.table.routes.length,
       sources: config.sources.map((s) => s.name),
+      workers: config.workers,
     }, 'sni-router started');
   }
 
   notReadyReason(): string | null {
     if (this.server.draining) return 'draining';
     if (!this.#listening) return 'not listening yet';
-    return null;
+    return this.#pool?.notReadyReason() ?? null;
+  }
+
+  /** Prometheus text: this process's registry, and with workers every worker's, aggregated. */
+  async metricsText(): Promise<string> {
+    return this.#pool !== null ? this.#pool.metricsText() : this.metrics.registry.metrics();
+  }
+
+  /** Open connections and tracked client addresses, counted now (with workers: asked of each, summed). */
+  async connectionCounts(): Promise<{ active: number; trackedClientAddresses: number }> {
+    if (this.#pool === null) {
+      return { active: this.#local!.activeConnections, trackedClientAddresses: this.#local!.trackedClientAddresses };
+    }
+    const stats = await this.#pool.stats();
+    return {
+      active: stats.reduce((n, s) => n + s.active, 0),
+      trackedClientAddresses: stats.reduce((n, s) => n + s.trackedClientAddresses, 0),
+    };
+  }
+
+  /** Each data-plane process's counts, asked now: one entry per worker (or one for this process). */
+  async dataPlaneStats(): Promise<WorkerStats[]> {
+    if (this.#pool !== null) return this.#pool.stats();
+    const connections = (await this.metrics.connections.get()).values.reduce((n, v) => n + v.value, 0);
+    return [{
+      pid: process.pid, active: this.#local!.activeConnections, trackedClientAddresses: this.#local!.trackedClientAddresses,
+      connections, generation: this.router.generation,
+    }];
+  }
+
+  /** The workers as their heartbeats describe them; empty with workers: 1. */
+  workerStatus(): WorkerStatus[] {
+    return this.#pool?.status() ?? [];
   }
 
   routesView(): unknown {
@@ -115,6 +176,11 @@ export class App {
         failing_since: s.failingSince === null ? null : new Date(s.failingSince).toISOString(),
         last_success: s.lastSuccess === null ? null : new Date(s.lastSuccess).toISOString(),
       })),
+      ...(this.#pool === null ? {} : {
+        workers: this.#pool.status().map((w) => ({
+          worker: w.slot, pid: w.pid, state: w.state, active_connections: w.active, generation: w.generation, restarts: w.restarts,
+        })),
+      }),
     };
   }
 
@@ -132,9 +198,13 @@ export class App {
     }
     const prev = this.config;
     this.config = next;
-    this.server.settings = next.server;
-    this.server.accessLog = next.log.access;
     this.logger.level = next.log.level;
+    if (this.#pool !== null) {
+      this.#pool.configure(next.server, next.log.access, next.log.level);
+    } else {
+      this.#local!.settings = next.server;
+      this.#local!.accessLog = next.log.access;
+    }
     if (JSON.stringify(prev.listen) !== JSON.stringify(next.listen) ||
       JSON.stringify(prev.admin) !== JSON.stringify(next.admin) || prev.workers !== next.workers) {
       this.logger.warn('listen, admin.listen and workers changes take effect at the next restart');

@@ -145,10 +145,6 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     }
     throw err;
   }
-  if (config.workers > 1) {
-    process.stderr.write(`${config.file}: workers: ${config.workers} is not supported yet; use workers: 1\n`);
-    return 2;
-  }
   return run(config, env);
 }
 

@@ -144,31 +144,44 @@ export interface RunningRouter {
   readonly port: number;
   readonly adminPort: number;
   readonly logs: Array<Record<string, unknown>>;
+  /** Data-plane processes: 1, or the workers with SNI_ROUTER_TEST_WORKERS / `workers:` in the YAML. */
+  readonly workers: number;
   stop(graceMs?: number): Promise<void>;
+  /** /metrics as the admin server serves it (with workers: all of them, aggregated). */
   metricsText(): Promise<string>;
+  /** Open connections, counted now (with workers: asked of each, summed). */
+  activeConnections(): Promise<number>;
+  /** Client addresses tracked for max_conns_per_ip, counted now (with workers: summed). */
+  trackedClientAddresses(): Promise<number>;
   /** The value of one series, e.g. metric('sni_router_connections_total', {route: 'fallback'}); 0 when absent. */
   metric(name: string, labels?: Record<string, string>): Promise<number>;
 }
 
 /**
  * Starts the router in-process from YAML (listen and admin.listen default to ephemeral loopback
- * ports when the YAML leaves them out).
+ * ports when the YAML leaves them out). SNI_ROUTER_TEST_WORKERS=N runs the data plane in N worker
+ * processes (`workers: N`) unless the YAML sets workers itself: the data-plane suites run both ways.
  */
 export async function startRouter(yaml: string, opts: { env?: NodeJS.ProcessEnv; file?: string } = {}): Promise<RunningRouter> {
   let text = yaml;
   if (!/^listen:/m.test(text)) text = `listen: "127.0.0.1:0"\n${text}`;
   if (!/^admin:/m.test(text)) text = `admin: { listen: "127.0.0.1:0" }\n${text}`;
+  const testWorkers = process.env.SNI_ROUTER_TEST_WORKERS;
+  if (testWorkers !== undefined && testWorkers !== '' && !/^workers:/m.test(text)) text = `workers: ${testWorkers}\n${text}`;
   const config = parseConfig(text, opts.file ?? 'test.yaml', opts.env ?? process.env);
   const { logger, lines } = memoryLogger(config.log.level === 'info' ? 'debug' : config.log.level);
   const app = await App.start(config, { logger, env: opts.env });
-  const metricsText = async () => app.metrics.registry.metrics();
+  const metricsText = () => app.metricsText();
   return {
     app,
     port: app.listenAddresses[0].port,
     adminPort: app.adminAddress?.port ?? 0,
     logs: lines,
+    workers: config.workers,
     stop: (graceMs = 0) => app.shutdown(graceMs),
     metricsText,
+    activeConnections: async () => (await app.connectionCounts()).active,
+    trackedClientAddresses: async () => (await app.connectionCounts()).trackedClientAddresses,
     metric: async (name, labels = {}) => metricValue(await metricsText(), name, labels),
   };
 }

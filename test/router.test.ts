@@ -473,16 +473,29 @@ routes:
 max_concurrent_conns: 3
 fallback: { addr: "127.0.0.1:${turn.port}" }
 `);
+    // With workers each one enforces its share, ceil(3 / workers), and the kernel picks the worker
+    // of each connection: the limit bites after between one share and workers × share (exactly 3
+    // with one process).
+    const share = Math.ceil(3 / r.workers);
     const tls = await import('node:tls');
     const held: import('node:tls').TLSSocket[] = [];
+    let refused: { bytes: number } | null = null;
     try {
-      for (let i = 0; i < 3; i++) {
-        const s = tls.connect({ host: '127.0.0.1', port: r.port, servername: 'cdn.example.com', rejectUnauthorized: false });
-        await new Promise((res) => s.once('data', res));
-        held.push(s);
+      for (let i = 0; i <= share * r.workers && refused === null; i++) {
+        // Over a socket of our own, whose bytesRead counts what arrived before TLS saw it.
+        const raw = net.connect({ host: '127.0.0.1', port: r.port });
+        const s = tls.connect({ socket: raw, servername: 'cdn.example.com', rejectUnauthorized: false });
+        s.on('error', () => {});
+        const got = await new Promise<boolean>((res) => {
+          s.once('data', () => res(true));
+          s.once('close', () => res(false));
+        });
+        if (got) held.push(s);
+        else refused = { bytes: raw.bytesRead };
       }
-      const extra = await rawExchange(r.port, [buildHello({ sni: 'cdn.example.com' })], { end: false });
-      assert.equal(extra.length, 0);
+      assert.ok(refused !== null, `no connection was refused after ${held.length}`);
+      assert.equal(refused.bytes, 0, 'closed without a byte');
+      assert.ok(held.length >= share && held.length <= share * r.workers, `${held.length} held before the limit bit`);
       assert.equal(await r.metric('sni_router_connection_limit_rejections_total', { scope: 'global' }), 1);
       for (const s of held) {
         const echoed = new Promise<string>((res) => s.once('data', (d) => res(d.toString())));
@@ -500,26 +513,37 @@ fallback: { addr: "127.0.0.1:${turn.port}" }
   test('max_conns_per_ip limits one address; the per-IP table empties as connections close', async () => {
     const rec = await recordingBackend();
     const r = await startRouter(`max_conns_per_ip: 2\nfallback: { addr: "127.0.0.1:${rec.port}" }\n`);
+    // With workers the limit holds per worker, and the kernel spreads one address's connections
+    // over them: it bites after between 2 and 2 × workers (exactly 2 with one process).
     const socks: net.Socket[] = [];
+    let accepted = 0;
+    let refused = false;
     try {
-      for (let i = 0; i < 2; i++) {
+      for (let i = 0; i <= 2 * r.workers && !refused; i++) {
         const s = net.connect({ host: '127.0.0.1', port: r.port });
+        s.on('error', () => {});
+        socks.push(s);
         await new Promise((res) => s.on('connect', res));
         s.write('GET / HTTP/1.0\r\n\r\n');
-        socks.push(s);
+        refused = await new Promise<boolean>((res) => {
+          s.once('close', () => res(true));
+          rec.waitConns(accepted + 1).then(() => res(false), () => {});
+        });
+        if (!refused) accepted++;
+        else assert.equal(s.bytesRead, 0, 'closed without a byte');
       }
-      await rec.waitConns(2);
-      assert.equal((await rawExchange(r.port, [Buffer.from('x')], { end: false })).length, 0);
+      assert.ok(refused, `no connection was refused after ${accepted}`);
+      assert.ok(accepted >= 2 && accepted <= 2 * r.workers, `${accepted} accepted before the limit bit`);
       assert.equal(await r.metric('sni_router_connection_limit_rejections_total', { scope: 'per_ip' }), 1);
       // Another loopback address is another client.
       const other = net.connect({ host: '127.0.0.1', port: r.port, localAddress: '127.0.0.2' });
       await new Promise((res) => other.on('connect', res));
       other.write('GET / HTTP/1.0\r\n\r\n');
-      await rec.waitConns(3);
+      await rec.waitConns(accepted + 1);
       other.destroy();
       for (const s of socks) s.destroy();
-      await waitFor(() => r.app.server.activeConnections === 0);
-      assert.equal(r.app.server.trackedClientAddresses, 0);
+      await waitFor(async () => (await r.activeConnections()) === 0);
+      assert.equal(await r.trackedClientAddresses(), 0);
     } finally {
       for (const s of socks) s.destroy();
       await r.stop();
@@ -552,7 +576,7 @@ routes:
       };
       trickle();
       timer = setInterval(trickle, 1000);
-      await waitFor(() => r.app.server.activeConnections >= 1000, 10_000, 'tricklers accepted');
+      await waitFor(async () => (await r.activeConnections()) >= 1000, 10_000, 'tricklers accepted');
       const t0 = Date.now();
       for (let i = 0; i < 5; i++) assert.match((await tlsHello(r.port, 'cdn.example.com')).line, /^turn /);
       assert.ok(Date.now() - t0 < 3000, `real clients took ${Date.now() - t0} ms`);

@@ -3,8 +3,8 @@
 // a fresh proxy, then the client; the proxy's CPU time is sampled at the client's window marks and
 // its memory around the idle hold.
 import { join } from 'node:path';
-import { type Target, LOAD_CPU, startProxy, type RunningProxy } from './peers.ts';
-import { Proc, cpuSeconds, freePorts, rssKiB, sleep, childPids } from './proc.ts';
+import { type Target, LOAD_CPU, WORKERS_TARGET, startProxy, type RunningProxy } from './peers.ts';
+import { Proc, cpuSeconds, freePorts, rssKiB, sleep, childPids, treeCpuSeconds } from './proc.ts';
 
 export const LOAD_FIGURES = ['cps', 'ttfb', 'tput', 'turn', 'idle'] as const;
 export const SNI_ROUTER_FIGURES = ['updates', 'table'] as const;
@@ -122,6 +122,8 @@ export interface RunContext {
   readonly durations: Durations;
   /** Pause after the proxy listens, before measuring. */
   readonly settleMs: number;
+  /** `workers:` of the sni-router-workers target. */
+  readonly sniRouterWorkers?: number;
 }
 
 interface ClientFinal {
@@ -159,7 +161,10 @@ export async function measure(ctx: RunContext, rep: number, figure: LoadFigure, 
     if ((await backend.waitLine((v) => (v as { ready?: boolean }).ready === true, 5000)) === undefined) {
       throw new Error(`backend did not start:\n${backend.tail()}`);
     }
-    proxy = await startProxy(target, { listen, a, b, admin }, { repo: ctx.repo, dir: join(ctx.tmp, tag), logFile });
+    proxy = await startProxy(target, { listen, a, b, admin }, { repo: ctx.repo, dir: join(ctx.tmp, tag), logFile },
+      target === WORKERS_TARGET ? { workers: ctx.sniRouterWorkers ?? 2 } : {});
+    // With workers the proxy is several processes: the primary and the workers it forked.
+    const proxyCpu = target === WORKERS_TARGET ? treeCpuSeconds : cpuSeconds;
     await sleep(ctx.settleMs);
     const pid = proxy.proc?.pid ?? null;
     const children = pid === null ? [] : childPids(pid);
@@ -182,9 +187,9 @@ export async function measure(ctx: RunContext, rep: number, figure: LoadFigure, 
       client.child.stdin?.end();
     } else {
       if ((await client.waitLine(isMark('start'), limit)) === undefined) throw new Error(`client failed:\n${client.tail()}`);
-      if (pid !== null) cpuStart = cpuSeconds(pid);
+      if (pid !== null) cpuStart = proxyCpu(pid);
       if ((await client.waitLine(isMark('end'), limit)) === undefined) throw new Error(`client failed:\n${client.tail()}`);
-      if (pid !== null) cpuEnd = cpuSeconds(pid);
+      if (pid !== null) cpuEnd = proxyCpu(pid);
     }
     const final = await client.waitLine<ClientFinal>(isFinal, 30_000);
     if (final === undefined) throw new Error(`client gave no result:\n${client.tail()}`);

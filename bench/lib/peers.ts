@@ -5,9 +5,10 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync, readFileSync, writeFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { Proc, waitListening } from './proc.ts';
+import { availableParallelism } from 'node:os';
+import { Proc, sleep, waitListening } from './proc.ts';
 
-export const TARGETS = ['direct', 'haproxy', 'nginx', 'nginx-64k', 'sniproxy', 'sni-router'] as const;
+export const TARGETS = ['direct', 'haproxy', 'nginx', 'nginx-64k', 'sniproxy', 'sni-router', 'sni-router-workers'] as const;
 export type Target = (typeof TARGETS)[number];
 /**
  * What a run measures unless --proxies says otherwise. nginx-64k (nginx with 64 KiB buffers, the
@@ -17,6 +18,14 @@ export const DEFAULT_TARGETS: readonly Target[] = ['direct', 'haproxy', 'nginx',
 
 export const PROXY_CPU = 0;
 export const LOAD_CPU = 1;
+
+/**
+ * sni-router-workers is sni-router with `workers: N` (bench/run.ts --workers=N, default 2), not
+ * pinned: its workers may use every CPU, CPU 1 included, which the load generator also uses.
+ * Its CPU time is the primary's and the workers' together. Only the connections/s figure runs it
+ * unless --proxies names it.
+ */
+export const WORKERS_TARGET = 'sni-router-workers';
 
 const NGINX_STREAM_MODULE = '/usr/lib/nginx/modules/ngx_stream_module.so';
 
@@ -41,6 +50,8 @@ export interface SniRouterExtra {
   readonly routes?: string;
   /** YAML for a top-level `sources:` block. */
   readonly sources?: string;
+  /** `workers:` for sni-router-workers. */
+  readonly workers?: number;
 }
 
 export interface RunningProxy {
@@ -76,6 +87,7 @@ export function unavailable(target: Target): string | null {
   switch (target) {
     case 'direct':
     case 'sni-router':
+    case 'sni-router-workers':
       return null;
     case 'haproxy':
       return which('haproxy') ? null : 'haproxy is not installed (apt-get install haproxy)';
@@ -135,22 +147,42 @@ export async function startProxy(target: Target, ports: Ports, ctx: PeerContext,
       args = ['-f', '-c', cfg];
       break;
     }
-    case 'sni-router': {
+    case 'sni-router':
+    case 'sni-router-workers': {
       const cfg = join(ctx.dir, 'sni-router.yaml');
-      writeFileSync(cfg, fill(template(ctx.repo, 'sni-router.yaml'), vars));
+      const workers = target === WORKERS_TARGET ? `\nworkers: ${extra.workers ?? 2}\n` : '';
+      writeFileSync(cfg, fill(template(ctx.repo, 'sni-router.yaml'), vars) + workers);
       cmd = join(ctx.repo, 'bin', 'sni-router');
       args = ['--config', cfg];
       break;
     }
   }
-  const proc = new Proc(cmd, args, { cpu: PROXY_CPU, name: target, logFile: ctx.logFile, cwd: ctx.dir });
+  const cpu = target === WORKERS_TARGET ? `0-${Math.max(1, availableParallelism() - 1)}` : PROXY_CPU;
+  const proc = new Proc(cmd, args, { cpu, name: target, logFile: ctx.logFile, cwd: ctx.dir });
   try {
     await waitListening(proc, ports.listen, 15_000);
+    // With workers, the port listens once the first one does: wait until every worker listens.
+    if (target === WORKERS_TARGET) await waitReady(proc, ports.admin, 15_000);
   } catch (err) {
     await proc.stop(1000);
     throw err;
   }
   return { target, port: ports.listen, proc, stop: () => proc.stop(3000) };
+}
+
+/** Waits until sni-router's /readyz answers 200 (every worker listens). */
+async function waitReady(proc: Proc, adminPort: number, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (!proc.alive) throw new Error(`${proc.name} exited (code ${proc.exitCode}, signal ${proc.exitSignal}):\n${proc.tail()}`);
+    try {
+      if ((await fetch(`http://127.0.0.1:${adminPort}/readyz`)).status === 200) return;
+    } catch {
+      // not up yet
+    }
+    await sleep(50);
+  }
+  throw new Error(`${proc.name} was not ready within ${timeoutMs} ms:\n${proc.tail()}`);
 }
 
 /** One line per peer and tool: what exactly was measured. */

@@ -8,8 +8,8 @@ import net from 'node:net';
 import { createInterface } from 'node:readline';
 
 export interface StartOptions {
-  /** The CPU to pin to (taskset -c). */
-  readonly cpu: number;
+  /** The CPU to pin to (taskset -c): one CPU, or a list such as "0-1". */
+  readonly cpu: number | string;
   /** A short name for errors and the log file. */
   readonly name: string;
   /** stdout and stderr are appended here. */
@@ -182,6 +182,22 @@ export function rssKiB(pid: number): number {
   const m = /^VmRSS:\s+(\d+)\s+kB/m.exec(status);
   if (m === null) throw new Error(`no VmRSS for pid ${pid}`);
   return Number(m[1]);
+}
+
+/**
+ * CPU time of a process and its child processes (sni-router with workers: the primary and the
+ * workers it forked), in seconds.
+ */
+export function treeCpuSeconds(pid: number): number {
+  let s = cpuSeconds(pid);
+  for (const child of childPids(pid)) {
+    try {
+      s += cpuSeconds(child);
+    } catch {
+      // exited meanwhile
+    }
+  }
+  return s;
 }
 
 /** Threads and child processes, for the record: a proxy that forks would be measured wrong. */

@@ -21,6 +21,8 @@ export interface Meta {
   readonly figures: readonly FigureId[];
   readonly skippedTargets: Record<string, string>;
   readonly rawFile: string;
+  /** `workers:` of the sni-router-workers target (0: not run). */
+  readonly sniRouterWorkers?: number;
 }
 
 interface Col {
@@ -293,6 +295,11 @@ export function renderReport(meta: Meta, ms: readonly Measurement[]): string {
     '- "× HAProxy": the value divided by HAProxy\'s in the same run; median of those per-run ratios (min–max). ↑ higher is better, ↓ lower is better.',
     '- The machine is shared: read ratios rather than absolute numbers. Load average at start and end is in the table above.',
   );
+  if (meta.targets.includes('sni-router-workers')) {
+    out.push(`- sni-router-workers: sni-router with \`workers: ${meta.sniRouterWorkers ?? 2}\`, **not pinned**: its workers run on every CPU, ` +
+      'CPU 1 included, which the load generator and backends use too, so it competes with its own load. ' +
+      'Proxy CPU is the primary\'s and the workers\' together. Only in the connections/s figure unless `--proxies` names it.');
+  }
   if (Object.keys(meta.skippedTargets).length > 0) {
     out.push('', '**Not measured:**', ...Object.entries(meta.skippedTargets).map(([t, why]) => `- ${t}: ${why}`));
   }

@@ -44,6 +44,8 @@ export class Metrics {
   readonly certReloads: Counter<'cert' | 'result'>;
   readonly certInvalid: Counter<'cert' | 'reason'>;
   readonly acceptErrors: Counter<'code'>;
+  readonly workerRestarts: Counter;
+  readonly workerConnectionsLost: Counter;
   readonly #collectHooks: Array<() => void> = [];
 
   constructor(opts: { defaultMetrics?: boolean } = {}) {
@@ -172,6 +174,16 @@ export class Metrics {
       name: `${PREFIX}accept_errors_total`,
       help: 'Errors accepting connections (EMFILE: out of file descriptors), by code.',
       labelNames: ['code'],
+      registers: r,
+    });
+    this.workerRestarts = new Counter({
+      name: `${PREFIX}worker_restarts_total`,
+      help: 'Data-plane worker processes started again after one exited unexpectedly (workers > 1).',
+      registers: r,
+    });
+    this.workerConnectionsLost = new Counter({
+      name: `${PREFIX}worker_connections_lost_total`,
+      help: 'Connections open in a worker when it exited unexpectedly, as of its last heartbeat (workers > 1).',
       registers: r,
     });
     for (const reason of ['not_tls', 'malformed', 'too_large', 'timeout', 'closed']) {

@@ -36,6 +36,13 @@ export interface BackendHealth {
   readonly lastError: string | null;
 }
 
+/** A change of one address's cooldown: until null means healthy again. */
+export interface CooldownChange {
+  readonly addr: string;
+  readonly until: number | null;
+  readonly error: string | null;
+}
+
 export class RouterServer {
   readonly router: Router;
   readonly metrics: Metrics;
@@ -50,6 +57,11 @@ export class RouterServer {
   readonly #dialLog = new RateLimitedLog(1000);
   readonly #acceptLog = new RateLimitedLog(1000);
   #draining = false;
+  /**
+   * Told about every cooldown this server sets or clears itself, so that processes serving the
+   * same backends (workers) can share them: an address one found dead is skipped by all.
+   */
+  onCooldownChange: ((change: CooldownChange) => void) | null = null;
 
   constructor(opts: ServerOptions) {
     this.router = opts.router;
@@ -76,7 +88,11 @@ export class RouterServer {
     return this.#perIp.size;
   }
 
-  async listen(addrs: readonly ListenAddress[], opts: { reusePort?: boolean } = {}): Promise<AddressInfo[]> {
+  /**
+   * Listens on every address. `reusePort` with `exclusive` gives a cluster worker a socket of its
+   * own (the kernel spreads connections) instead of one shared through the cluster primary.
+   */
+  async listen(addrs: readonly ListenAddress[], opts: { reusePort?: boolean; exclusive?: boolean } = {}): Promise<AddressInfo[]> {
     this.#checkDescriptorLimit();
     const bound: AddressInfo[] = [];
     for (const addr of addrs) {
@@ -89,7 +105,9 @@ export class RouterServer {
       await new Promise<void>((resolve, reject) => {
         const onError = (err: Error) => reject(new Error(`cannot listen on ${addr.text}: ${err.message}`));
         server.once('error', onError);
-        server.listen({ host: addr.host, port: addr.port, ipv6Only, reusePort: opts.reusePort, backlog: 4096 }, () => {
+        server.listen({
+          host: addr.host, port: addr.port, ipv6Only, reusePort: opts.reusePort, exclusive: opts.exclusive, backlog: 4096,
+        }, () => {
           server.removeListener('error', onError);
           resolve();
         });
@@ -214,7 +232,9 @@ export class RouterServer {
     const code = err.code ?? err.message;
     this.metrics.backendDialFailures.inc({ backend: backend.name });
     if (!LOCAL_DIAL_ERRORS.has(code)) {
-      this.#cooldown.set(addr, { until: Date.now() + this.settings.dialCooldownMs, error: code });
+      const until = Date.now() + this.settings.dialCooldownMs;
+      this.#cooldown.set(addr, { until, error: code });
+      this.onCooldownChange?.({ addr, until, error: code });
     }
     const suppressed = this.#dialLog.allow();
     if (suppressed >= 0) {
@@ -223,7 +243,15 @@ export class RouterServer {
   }
 
   dialSucceeded(addr: string): void {
-    if (this.#cooldown.size > 0) this.#cooldown.delete(addr);
+    if (this.#cooldown.size > 0 && this.#cooldown.delete(addr)) {
+      this.onCooldownChange?.({ addr, until: null, error: null });
+    }
+  }
+
+  /** A cooldown another process set or cleared (not reported back through onCooldownChange). */
+  applyCooldown(change: CooldownChange): void {
+    if (change.until === null) this.#cooldown.delete(change.addr);
+    else this.#cooldown.set(change.addr, { until: change.until, error: change.error ?? 'unknown' });
   }
 }
 
