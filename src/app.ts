@@ -95,7 +95,7 @@ export class App {
       this.adminAddress = await this.#admin.listen(config.admin.listen);
     }
     await this.composer.setSources(createSources(config.sources, { logger: this.logger }));
-    this.#certwatch = await startCertwatch(config.certwatch, { logger: this.logger, metrics: this.metrics });
+    this.#certwatch = await startCertwatch(config.certwatch, { logger: this.logger, metrics: this.metrics, env: this.#env });
     this.listenAddresses = this.#pool !== null ? await this.#pool.start() : await this.#local!.listen(config.listen);
     this.#listening = true;
     this.logger.info({
@@ -217,7 +217,7 @@ export class App {
     }
     if (JSON.stringify(prev.certwatch) !== JSON.stringify(next.certwatch)) {
       await this.#certwatch?.stop();
-      this.#certwatch = await startCertwatch(next.certwatch, { logger: this.logger, metrics: this.metrics });
+      this.#certwatch = await startCertwatch(next.certwatch, { logger: this.logger, metrics: this.metrics, env: this.#env });
     } else {
       this.#certwatch?.recheck();
     }

@@ -4,6 +4,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { App } from './app.ts';
+import { inspectCertwatch } from './certwatch/inspect.ts';
 import { ConfigError, loadConfig, parseRoutesFile } from './config/load.ts';
 import type { Config } from './config/types.ts';
 import { redactUrl } from './log.ts';
@@ -136,6 +137,11 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     config = loadConfig(args.config!, env);
     if (args.command === 'check') {
       process.stdout.write(check(config, env));
+      // What the cert watcher would find now: warnings only (storage missing, a bad pair, no
+      // systemctl), since the files may legitimately appear after the router starts.
+      for (const c of config.certwatch) {
+        for (const f of await inspectCertwatch(c, env)) process.stdout.write(`  certwatch ${c.name}: ${f.level}: ${f.message}\n`);
+      }
       return 0;
     }
   } catch (err) {
