@@ -1,9 +1,11 @@
 // One client connection, from accept to close: read the ClientHello, route, dial, relay.
 //
-// Written for the machine (see ../shared/PERFORMANCE-NOTES.md): the event handlers are shared
-// functions that find their connection through a symbol on the socket, so a connection allocates
-// no closures; nothing is allocated per relayed chunk; the ClientHello reader and the buffered
-// hello are released as soon as they have been used, so an idle relay holds only its two sockets.
+// Written for the machine (see ../shared/PERFORMANCE-NOTES.md): both sockets read with `onread`
+// into one scratch buffer shared by every connection (no stream machinery, no allocation per
+// read); the event handlers are shared functions that find their connection through a symbol on
+// the socket, so a connection allocates no closures beyond the two read-buffer selectors; the
+// ClientHello reader and the buffered hello are released as soon as they have been used, so an
+// idle relay holds only its two sockets.
 import net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import type { ConnectionResult } from '../metrics/metrics.ts';
@@ -17,10 +19,10 @@ const FALLBACK_ROUTE = 'fallback';
 const HIGH_WATER_MARK = 256 * 1024;
 
 /**
- * Backend reads land in one scratch buffer shared by every connection (libuv reads one socket at
- * a time, and the callback consumes the bytes before returning), so an idle relay holds no read
- * buffer at all. A read that fills the scratch buffer means a bulk transfer: that socket then
- * gets a buffer of its own, written out in place without a copy.
+ * Reads land in one scratch buffer shared by every socket (libuv reads one socket at a time, and
+ * the callback consumes the bytes before returning), so an idle relay holds no read buffer at
+ * all. A read that fills the scratch buffer means a bulk transfer: that socket then gets a buffer
+ * of its own, written out in place without a copy.
  */
 const READ_SIZE = 64 * 1024;
 const scratch = Buffer.allocUnsafe(READ_SIZE);
@@ -54,21 +56,48 @@ export class Connection {
   #sni: string | null = null;
   #alpn: readonly string[] | null = null;
   #relaying = false;
-  /** The backend socket's own read buffer, once it moved a bulk transfer; null while it shares `scratch`. */
-  #readBuf: Buffer | null = null;
-  /** True while a write of #readBuf to the client is in flight: the buffer is not free to read into. */
-  #readBufBusy = false;
-  #readBufWritten: ((err?: Error | null) => void) | null = null;
+  // Per direction (up: client → backend, down: backend → client): the reading socket's own
+  // buffer once it moved a bulk transfer (null while it shares `scratch`); whether a write of it
+  // is in flight (it is then not free to read into); and that write's completion callback.
+  #upBuf: Buffer | null = null;
+  #upBusy = false;
+  #upWritten: (() => void) | null = null;
+  #downBuf: Buffer | null = null;
+  #downBusy = false;
+  #downWritten: (() => void) | null = null;
   #flushedUp = 0;
   #flushedDown = 0;
 
+  /**
+   * Wraps an accepted connection's libuv handle in a Socket that reads with `onread` (net.Server
+   * has no option for it; RouterServer hands us the handle instead). Reading starts at once; the
+   * Connection built on it must be attached before the event loop turns.
+   */
+  static socketFor(handle: unknown): net.Socket {
+    let sock: Sock | undefined = undefined;
+    // `handle` is net.Socket's own (undocumented) way to wrap an accepted handle, as net.Server does.
+    const options = {
+      handle, allowHalfOpen: true, readableHighWaterMark: HIGH_WATER_MARK, writableHighWaterMark: HIGH_WATER_MARK,
+      // libuv asks for each next buffer without the socket, hence one closure.
+      onread: { buffer: () => Connection.#upReadBuffer(sock), callback: Connection.#onClientRead },
+    } as net.SocketConstructorOpts;
+    sock = new net.Socket(options) as Sock;
+    sock.setNoDelay(true);
+    return sock;
+  }
+
+  static #upReadBuffer(sock: Sock | undefined): Buffer {
+    const c = sock === undefined ? undefined : sock[kConn];
+    return c === undefined ? scratch : c.#upBuf ?? scratch;
+  }
+
+  /** `client` must come from Connection.socketFor. */
   constructor(server: RouterServer, client: net.Socket, countedIp: string | null) {
     this.#server = server;
     this.#client = client as Sock;
     this.#countedIp = countedIp;
     this.#reader = new ClientHelloReader(server.settings.maxClientHelloBytes);
     this.#client[kConn] = this;
-    client.on('data', Connection.#onHelloData);
     client.on('end', Connection.#onClientEnd);
     client.on('error', Connection.#onClientError);
     client.on('close', Connection.#onClientClose);
@@ -86,11 +115,71 @@ export class Connection {
 
   // ---- handlers: shared functions, `this` is the socket ----
 
-  static #onHelloData(this: Sock, chunk: Buffer): void {
-    const c = this[kConn]!;
+  /**
+   * onread callback of the client socket. Returning false stops reading: while the route is
+   * looked up and dialed, while a write of this socket's own buffer is in flight, or while the
+   * backend is not keeping up.
+   */
+  static #onClientRead(this: Sock, n: number, buf: Buffer): boolean {
+    const c = this[kConn];
+    if (c === undefined) return false;
+    if (c.#phase === Phase.Relaying) return Connection.#relay(c, c.#sock!, n, buf, true);
+    if (c.#phase !== Phase.Hello) return false;
+    const chunk = Buffer.copyBytesFrom(buf, 0, n);
     c.#chunks.push(chunk);
     const verdict = c.#reader!.push(chunk);
-    if (verdict !== null) c.#routeBy(verdict);
+    if (verdict === null) return true;
+    c.#routeBy(verdict);
+    return false;
+  }
+
+  /** onread callback of the backend socket: see #onClientRead. */
+  static #onBackendRead(this: Sock, n: number, buf: Buffer): boolean {
+    const c = this[kConn]!;
+    if (c.#phase !== Phase.Relaying) return false;
+    return Connection.#relay(c, c.#client, n, buf, false);
+  }
+
+  /**
+   * Writes what one socket just read to the other. From the shared scratch buffer the bytes are
+   * copied out (they are overwritten by the next read of any socket); a read that filled it means
+   * a bulk transfer, so this socket gets a buffer of its own for its next reads. An own buffer is
+   * written in place, and read into again only once that write is done: a write the kernel took
+   * at once is done before write() returns (the queued length does not grow).
+   */
+  static #relay(c: Connection, to: Sock, n: number, buf: Buffer, up: boolean): boolean {
+    if (buf === scratch) {
+      const ok = to.write(Buffer.copyBytesFrom(buf, 0, n));
+      if (n === READ_SIZE) c.#ownReadBuffer(up);
+      return ok;
+    }
+    const before = to.writableLength;
+    const ok = to.write(n === buf.length ? buf : buf.subarray(0, n), up ? c.#upWritten! : c.#downWritten!);
+    const after = to.writableLength;
+    if (after === before || after === 0) return ok;
+    if (up) c.#upBusy = true;
+    else c.#downBusy = true;
+    return false;
+  }
+
+  /** Gives one direction's reading socket its own read buffer (bulk transfers only). */
+  #ownReadBuffer(up: boolean): void {
+    if (up) {
+      if (this.#upBuf !== null) return;
+      this.#upBuf = Buffer.allocUnsafe(READ_SIZE);
+      this.#upWritten = () => {
+        this.#upBusy = false;
+        // Past the high-water mark the backend's 'drain' resumes reading instead.
+        if (!this.#sock!.writableNeedDrain) this.#client.resume();
+      };
+    } else {
+      if (this.#downBuf !== null) return;
+      this.#downBuf = Buffer.allocUnsafe(READ_SIZE);
+      this.#downWritten = () => {
+        this.#downBusy = false;
+        if (!this.#client.writableNeedDrain) this.#sock?.resume();
+      };
+    }
   }
 
   static #onHelloTimeout(c: Connection): void {
@@ -124,52 +213,14 @@ export class Connection {
     else to.end();
   }
 
-  static #onClientData(this: Sock, chunk: Buffer): void {
-    const c = this[kConn]!;
-    if (!c.#sock!.write(chunk)) this.pause();
-  }
-
-  /** Gives the backend socket its own read buffer (bulk transfers only: idle relays hold none). */
-  #ownReadBuffer(): void {
-    this.#readBuf = Buffer.allocUnsafe(READ_SIZE);
-    this.#readBufWritten = () => {
-      this.#readBufBusy = false;
-      // Past the high-water mark the client's 'drain' resumes reading instead.
-      if (!this.#client.writableNeedDrain) this.#sock?.resume();
-    };
-  }
-
-  /**
-   * onread callback of the backend socket. Returning false pauses reading: the bytes just read
-   * still belong to a write in flight, or the client is not keeping up.
-   */
-  static #onBackendRead(this: Sock, n: number, buf: Buffer): boolean {
-    const c = this[kConn]!;
-    const client = c.#client;
-    if (c.#phase !== Phase.Relaying) return false;
-    if (buf === scratch) {
-      // Shared: copy out now. A full buffer is a bulk transfer: give this socket its own.
-      const ok = client.write(Buffer.from(buf.subarray(0, n)));
-      if (n === READ_SIZE && c.#readBuf === null) c.#ownReadBuffer();
-      return ok;
-    }
-    // Own buffer: written in place. It may be read into again only once the write is done; a
-    // write the kernel took at once is done before write() returns (writableLength drops to 0).
-    const before = client.writableLength;
-    const ok = client.write(buf.subarray(0, n), c.#readBufWritten!);
-    if (client.writableLength === before || client.writableLength === 0) return ok;
-    c.#readBufBusy = true;
-    return false;
-  }
-
-
   static #onClientDrain(this: Sock): void {
     const c = this[kConn]!;
-    if (!c.#readBufBusy) c.#sock?.resume();
+    if (!c.#downBusy) c.#sock?.resume();
   }
 
   static #onBackendDrain(this: Sock): void {
-    this[kConn]!.#client.resume();
+    const c = this[kConn]!;
+    if (!c.#upBusy) c.#client.resume();
   }
 
   static #onIdleTimeout(this: Sock): void {
@@ -253,7 +304,6 @@ export class Connection {
       this.#timer = null;
     }
     this.#reader = null;
-    this.#client.removeListener('data', Connection.#onHelloData);
     this.#client.pause();
     m.clientHelloDuration.observe((performance.now() - this.#acceptedAt) / 1000);
     let backend: BackendSpec | null = null;
@@ -336,7 +386,7 @@ export class Connection {
       host, port: Number(addr.slice(split + 1)), allowHalfOpen: true, noDelay: true, highWaterMark: HIGH_WATER_MARK,
       // The buffer for each next read: the shared scratch buffer, or this socket's own once it
       // carried a bulk transfer. (libuv calls this without the socket, hence one closure.)
-      onread: { buffer: () => this.#readBuf ?? scratch, callback: Connection.#onBackendRead },
+      onread: { buffer: () => this.#downBuf ?? scratch, callback: Connection.#onBackendRead },
     };
     const sock = net.connect(options) as Sock;
     sock[kConn] = this;
@@ -384,7 +434,6 @@ export class Connection {
     }
     if (parts.length > 0) sock.write(parts.length === 1 ? parts[0] : Buffer.concat(parts));
 
-    client.on('data', Connection.#onClientData);
     client.on('drain', Connection.#onClientDrain);
     sock.on('drain', Connection.#onBackendDrain);
     sock.on('end', Connection.#onBackendEnd);

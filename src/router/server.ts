@@ -97,8 +97,6 @@ export class RouterServer {
     const bound: AddressInfo[] = [];
     for (const addr of addrs) {
       const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: HIGH_WATER_MARK });
-      server.on('connection', (socket) => this.#accept(socket));
-      server.on('error', (err) => this.#onServerError(err as NodeJS.ErrnoException));
       // An explicit "[::]" beside an IPv4 wildcard on the same port must not also claim IPv4.
       const ipv6Only = addr.host !== undefined && net.isIPv6(addr.host) &&
         addrs.some((o) => o !== addr && o.port === addr.port && o.host !== undefined && net.isIPv4(o.host));
@@ -109,13 +107,38 @@ export class RouterServer {
           host: addr.host, port: addr.port, ipv6Only, reusePort: opts.reusePort, exclusive: opts.exclusive, backlog: 4096,
         }, () => {
           server.removeListener('error', onError);
+          // From here on an 'error' is an accept error (a failure to listen is not one).
+          server.on('error', (err) => this.#onServerError(err as NodeJS.ErrnoException));
           resolve();
         });
       });
+      this.#takeAccepts(server, addr.text);
       this.#listeners.push(server);
       bound.push(server.address() as AddressInfo);
     }
     return bound;
+  }
+
+  /**
+   * Takes over the listening handle's accept callback (what net.Server's own onconnection does:
+   * wrap the accepted handle in a Socket) so that each client socket is built by
+   * Connection.socketFor and reads with `onread`, which net.Server cannot ask for. Accept errors
+   * still go through net.Server ('error' event). Node is pinned (package.json), so the internals
+   * this touches are known; should they ever change, listening fails loudly rather than serving
+   * with a router that cannot read.
+   */
+  #takeAccepts(server: net.Server, text: string): void {
+    type OnConnection = (this: unknown, err: number, clientHandle?: unknown) => void;
+    const handle = (server as unknown as { _handle?: { onconnection?: OnConnection } | null })._handle;
+    const original = handle?.onconnection;
+    if (handle == null || typeof original !== 'function') {
+      server.close();
+      throw new Error(`cannot listen on ${text}: this Node.js (${process.version}) has no net.Server accept callback to take over; run the pinned Node 24 (npm ci)`);
+    }
+    handle.onconnection = (err: number, clientHandle?: unknown) => {
+      if (err !== 0 || clientHandle == null) original.call(handle, err, clientHandle);
+      else this.#accept(Connection.socketFor(clientHandle));
+    };
   }
 
   /** Stops accepting, lets open connections finish for up to graceMs, then closes the rest. */
