@@ -1,8 +1,11 @@
 // The route table: patterns, precedence, ALPN conditions, normalization, atomic replace.
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
+import fc from 'fast-check';
 import { routeList } from '../src/config/routes.ts';
-import { RouteTable, Router, normalizeName, patternError } from '../src/router/table.ts';
+import {
+  type RouteSpec, RouteTable, Router, alpnKey, diffTables, normalizeName, patternError, routeKey,
+} from '../src/router/table.ts';
 
 const fallback = { name: 'caddy', addrs: ['127.0.0.1:8443'], proxyProtocol: null };
 
@@ -127,5 +130,50 @@ describe('table construction', () => {
     // A connection that looked the old table up keeps what it got.
     assert.equal(before.lookup('a.b', null)?.backend.name, 'old');
     assert.equal(r.table.lookup('a.b', null)?.backend.name, 'new');
+  });
+});
+
+describe('diffTables (what the composer logs, and whether it replaces at all)', () => {
+  const names = ['a.example.com', 'b.example.com', '*.example.com', '**.example.com', 'turn.example.net'];
+  const alpns = [null, 'none', 'any', ['h2'], ['http/1.1', 'h2']] as const;
+  const routeArb = fc.record({
+    match: fc.constantFrom(...names),
+    alpn: fc.constantFrom(...alpns),
+    backend: fc.constantFrom('x', 'y', 'z'),
+    port: fc.constantFrom(1, 2),
+    source: fc.constantFrom('config', 'pg'),
+  });
+  const build = (rs: Array<{ match: string; alpn: (typeof alpns)[number]; backend: string; port: number; source: string }>) =>
+    new RouteTable(rs.map((r) => ({
+      ...routeList([{ match: r.match, ...(r.alpn === null ? {} : { alpn: r.alpn }), backend: { name: r.backend, addr: `127.0.0.1:${r.port}` } }], ['routes'], r.source)[0],
+    })), fallback);
+  /** Per pattern, the ALPN keys in lookup order with backend and source: what lookups depend on. */
+  const shape = (t: RouteTable) => t.patterns().map((m) => new Map([...m].map(([name, list]) =>
+    [name, list.map((r) => `${alpnKey(r.alpn)}>${r.backend.name}@${r.backend.addrs.join(',')}/${r.source}`).join(' ')])));
+  const keys = (rs: readonly RouteSpec[]) => rs.map((r) => routeKey(r)).sort();
+
+  test('an equal table built from other objects is no change; any change a lookup could see is reported', () => {
+    fc.assert(fc.property(fc.array(routeArb, { maxLength: 12 }), fc.array(routeArb, { maxLength: 12 }), (ra, rb) => {
+      const a = build(ra);
+      assert.deepEqual(diffTables(a, build(ra)), { added: [], removed: [], changed: [] });
+      const b = build(rb);
+      const d = diffTables(a, b);
+      const same = JSON.stringify(shape(a).map((m) => [...m].sort())) === JSON.stringify(shape(b).map((m) => [...m].sort()));
+      assert.equal(d.added.length + d.removed.length + d.changed.length === 0, same);
+      // Added and removed are exactly the match+alpn keys only one side has.
+      const ka = new Set(a.routes.map((r) => routeKey(r)));
+      const kb = new Set(b.routes.map((r) => routeKey(r)));
+      assert.deepEqual(keys(d.added), [...kb].filter((k) => !ka.has(k)).sort());
+      assert.deepEqual(keys(d.removed), [...ka].filter((k) => !kb.has(k)).sort());
+      for (const r of d.changed) assert.ok(ka.has(routeKey(r)) && kb.has(routeKey(r)));
+    }), { numRuns: 500 });
+  });
+
+  test('a reorder of ALPN routes within one pattern is a change; across patterns it is not', () => {
+    const h2 = { match: 'a.example.com', alpn: ['h2'], backend: to('web') };
+    const none = { match: 'a.example.com', alpn: 'none', backend: to('turn') };
+    const other = { match: 'b.example.com', backend: to('b') };
+    assert.equal(diffTables(table([h2, none, other]), table([none, h2, other])).changed.length, 1);
+    assert.deepEqual(diffTables(table([h2, none, other]), table([other, h2, none])), { added: [], removed: [], changed: [] });
   });
 });

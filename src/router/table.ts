@@ -98,16 +98,7 @@ export class RouteTable {
     this.fallback = fallback;
     const kept: RouteSpec[] = [];
     const conflicts: RouteConflict[] = [];
-    const seen = new Map<string, RouteSpec>();
     for (const route of routes) {
-      const key = routeKey(route);
-      const winner = seen.get(key);
-      if (winner !== undefined) {
-        conflicts.push({ winner, loser: route });
-        continue;
-      }
-      seen.set(key, route);
-      kept.push(route);
       let map = this.#exact;
       let name = route.match;
       if (name.startsWith('**.')) {
@@ -118,8 +109,19 @@ export class RouteTable {
         name = name.slice(2);
       }
       const list = map.get(name);
-      if (list === undefined) map.set(name, [route]);
-      else list.push(route);
+      if (list === undefined) {
+        map.set(name, [route]);
+      } else {
+        // Same match and alpn as a route already kept: a conflict (patterns hold a few routes).
+        const key = alpnKey(route.alpn);
+        const winner = list.find((r) => alpnKey(r.alpn) === key);
+        if (winner !== undefined) {
+          conflicts.push({ winner, loser: route });
+          continue;
+        }
+        list.push(route);
+      }
+      kept.push(route);
     }
     // Within one pattern, routes with an ALPN condition are tried first, in order, then the one
     // without (a stable sort keeps their relative order).
@@ -130,6 +132,11 @@ export class RouteTable {
     }
     this.routes = Object.freeze(kept);
     this.conflicts = Object.freeze(conflicts);
+  }
+
+  /** The pattern maps (exact, `*.`, `**.`), for diffTables: name to routes in lookup order. */
+  patterns(): readonly [ReadonlyMap<string, readonly RouteSpec[]>, ReadonlyMap<string, readonly RouteSpec[]>, ReadonlyMap<string, readonly RouteSpec[]>] {
+    return [this.#exact, this.#oneLabel, this.#anyLabels];
   }
 
   /**
@@ -154,6 +161,86 @@ export class RouteTable {
       if (hit !== null) return hit;
     }
   }
+}
+
+export interface RouteDiff {
+  readonly added: RouteSpec[];
+  readonly removed: RouteSpec[];
+  /** Same match and alpn, another backend or source; or, within one pattern, another order. */
+  readonly changed: RouteSpec[];
+}
+
+/**
+ * What changed from one table to the next, pattern by pattern over the tables' own maps: no
+ * keys are built, and a poll that brings 100,000 unchanged routes costs a few map walks. The order
+ * of routes matters only within one pattern (ALPN conditions are tried in order), so only there
+ * is a reorder a change.
+ */
+export function diffTables(before: RouteTable, after: RouteTable): RouteDiff {
+  const diff: RouteDiff = { added: [], removed: [], changed: [] };
+  const a = before.patterns();
+  const b = after.patterns();
+  // forEach rather than for-of: no entry array per pattern (this runs once per table, unoptimized).
+  for (let i = 0; i < b.length; i++) {
+    const old = a[i];
+    const next = b[i];
+    let found = 0;
+    next.forEach((list, name) => {
+      const prev = old.get(name);
+      if (prev === undefined) {
+        for (const r of list) diff.added.push(r);
+        return;
+      }
+      found++;
+      if (prev !== list) diffPattern(prev, list, diff);
+    });
+    // Names the old table has and the new one lacks: only if not every old name was found.
+    if (found < old.size) {
+      old.forEach((list, name) => {
+        if (!next.has(name)) for (const r of list) diff.removed.push(r);
+      });
+    }
+  }
+  return diff;
+}
+
+function diffPattern(prev: readonly RouteSpec[], next: readonly RouteSpec[], diff: RouteDiff): void {
+  if (prev.length === 1 && next.length === 1) {
+    const p = prev[0];
+    const n = next[0];
+    if (alpnKey(p.alpn) !== alpnKey(n.alpn)) {
+      diff.removed.push(p);
+      diff.added.push(n);
+    } else if (p !== n && (p.source !== n.source || !sameBackend(p.backend, n.backend))) {
+      diff.changed.push(n);
+    }
+    return;
+  }
+  const prevKeys = prev.map((r) => alpnKey(r.alpn));
+  const nextKeys = next.map((r) => alpnKey(r.alpn));
+  const reported = diff.added.length + diff.removed.length + diff.changed.length;
+  let reordered = false;
+  for (let i = 0; i < next.length; i++) {
+    const j = prevKeys.indexOf(nextKeys[i]);
+    if (j < 0) {
+      diff.added.push(next[i]);
+      continue;
+    }
+    if (j !== i) reordered = true;
+    const p = prev[j];
+    if (p !== next[i] && (p.source !== next[i].source || !sameBackend(p.backend, next[i].backend))) diff.changed.push(next[i]);
+  }
+  for (let j = 0; j < prev.length; j++) if (!nextKeys.includes(prevKeys[j])) diff.removed.push(prev[j]);
+  // The same routes in another order answer lookups differently: that is a change too.
+  if (reordered && diff.added.length + diff.removed.length + diff.changed.length === reported) diff.changed.push(next[0]);
+}
+
+/** Same name, addresses (in order) and PROXY protocol version. */
+export function sameBackend(a: BackendSpec, b: BackendSpec): boolean {
+  if (a === b) return true;
+  if (a.name !== b.name || a.proxyProtocol !== b.proxyProtocol || a.addrs.length !== b.addrs.length) return false;
+  for (let i = 0; i < a.addrs.length; i++) if (a.addrs[i] !== b.addrs[i]) return false;
+  return true;
 }
 
 function pick(list: RouteSpec[] | undefined, alpn: readonly string[] | null): RouteSpec | null {

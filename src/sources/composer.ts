@@ -4,7 +4,7 @@
 import type { Logger } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import {
-  type BackendSpec, type RouteSpec, RouteTable, type Router, alpnKey, routeKey,
+  type BackendSpec, type RouteSpec, RouteTable, type Router, alpnKey, diffTables, routeKey, sameBackend,
 } from '../router/table.ts';
 import type { RouteSource, Snapshot, SourceSink, SourceStatus } from './source.ts';
 
@@ -158,8 +158,8 @@ export class Composer {
     const current = this.#router.table;
     const table = new RouteTable(merged, this.#fallback);
     this.#reportConflicts(table);
-    const diff = diffRoutes(current.routes, table.routes);
-    const fallbackChanged = backendKey(current.fallback) !== backendKey(table.fallback);
+    const diff = diffTables(current, table);
+    const fallbackChanged = !sameBackend(current.fallback, table.fallback);
     if (diff.added.length === 0 && diff.removed.length === 0 && diff.changed.length === 0 && !fallbackChanged) {
       // Nothing to swap; the gauges still describe the live table from the start, and after the
       // set of sources changed.
@@ -205,10 +205,6 @@ export class Composer {
   }
 }
 
-function backendKey(b: BackendSpec): string {
-  return `${b.name}|${b.addrs.join(',')}|${b.proxyProtocol ?? ''}`;
-}
-
 function describeBackend(b: BackendSpec): string {
   return `${b.name} ${b.addrs.join(',')}${b.proxyProtocol === null ? '' : ` proxy_protocol=${b.proxyProtocol}`}`;
 }
@@ -218,32 +214,3 @@ function describeRoute(r: RouteSpec): string {
   return `${r.match}${alpn === '' ? '' : ` alpn=${alpn}`} -> ${describeBackend(r.backend)} (${r.source})`;
 }
 
-export interface RouteDiff {
-  readonly added: RouteSpec[];
-  readonly removed: RouteSpec[];
-  readonly changed: RouteSpec[];
-}
-
-export function diffRoutes(before: readonly RouteSpec[], after: readonly RouteSpec[]): RouteDiff {
-  const old = new Map<string, RouteSpec>();
-  for (const r of before) old.set(routeKey(r), r);
-  const added: RouteSpec[] = [];
-  const changed: RouteSpec[] = [];
-  for (const r of after) {
-    const key = routeKey(r);
-    const prev = old.get(key);
-    if (prev === undefined) added.push(r);
-    else if (backendKey(prev.backend) !== backendKey(r.backend) || prev.source !== r.source) changed.push(r);
-    old.delete(key);
-  }
-  // Order inside one pattern matters (ALPN routes are tried in order): a reorder is a change.
-  if (added.length === 0 && old.size === 0 && changed.length === 0) {
-    for (let i = 0; i < after.length; i++) {
-      if (routeKey(before[i]) !== routeKey(after[i])) {
-        changed.push(after[i]);
-        break;
-      }
-    }
-  }
-  return { added, removed: [...old.values()], changed };
-}
