@@ -402,26 +402,23 @@ export class Connection {
     const backend = this.#backend!;
     const sock = this.#sock!;
     const client = this.#client;
+    const connectedAt = performance.now();
     if (this.#timer !== null) {
       clearTimeout(this.#timer);
       this.#timer = null;
     }
-    server.dialSucceeded(backend.addrs[this.#addrIndex]);
-    server.metrics.dialTook(backend.name, (performance.now() - this.#dialStartedAt) / 1000);
     if (this.#clientClosed) {
+      server.dialSucceeded(backend.addrs[this.#addrIndex]);
+      server.metrics.dialTook(backend.name, (connectedAt - this.#dialStartedAt) / 1000);
       sock.destroy();
       return;
     }
     this.#phase = Phase.Relaying;
     this.#relaying = true;
     server.metrics.activeChanged(backend.name, 1);
-    // Both directions pass through the client socket, so its timer sees all activity.
-    if (server.settings.idleTimeoutMs > 0) {
-      client.setTimeout(server.settings.idleTimeoutMs);
-      client.on('timeout', Connection.#onIdleTimeout);
-    }
 
-    // The PROXY header and every byte read so far go out in one write.
+    // First what the backend waits for (time to first byte): the PROXY header and every byte
+    // read so far, in one write. The bookkeeping follows.
     const parts = this.#chunks;
     this.#chunks = [];
     if (backend.proxyProtocol !== null) {
@@ -437,9 +434,18 @@ export class Connection {
     client.on('drain', Connection.#onClientDrain);
     sock.on('drain', Connection.#onBackendDrain);
     sock.on('end', Connection.#onBackendEnd);
+    // Both directions pass through the client socket, so its timer sees all activity.
+    if (server.settings.idleTimeoutMs > 0) {
+      client.setTimeout(server.settings.idleTimeoutMs);
+      client.on('timeout', Connection.#onIdleTimeout);
+    }
     if (this.#clientEnded) sock.end();
     else client.resume();
+
+    server.dialSucceeded(backend.addrs[this.#addrIndex]);
+    server.metrics.dialTook(backend.name, (connectedAt - this.#dialStartedAt) / 1000);
   }
+
 
   #finish(): void {
     if (this.#phase === Phase.Done) return;
