@@ -239,6 +239,50 @@ routes:
       await rec.close();
     }
   });
+  test('backpressure upstream: a slow backend gets every byte a fast client sends, in order', async () => {
+    const size = 16 * 1024 * 1024;
+    const payload = Buffer.alloc(size);
+    for (let i = 0; i < size; i += 4) payload.writeUInt32BE(i / 4, i);
+    const hello = buildHello({ sni: 'up.example.com' });
+    let received: Promise<Buffer> | null = null;
+    const backend = net.createServer((s) => {
+      received = new Promise((resolve) => {
+        const parts: Buffer[] = [];
+        s.on('data', (d) => {
+          parts.push(d);
+          // Read slowly at first so the router must hold the client back.
+          if (parts.length < 20) {
+            s.pause();
+            setTimeout(() => s.resume(), 20);
+          }
+        });
+        s.on('end', () => {
+          resolve(Buffer.concat(parts));
+          s.end();
+        });
+      });
+    });
+    await new Promise<void>((resolve) => backend.listen(0, '127.0.0.1', resolve));
+    const r = await startRouter(`fallback: { addr: "127.0.0.1:${(backend.address() as net.AddressInfo).port}" }\n`);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        const s = net.connect({ host: '127.0.0.1', port: r.port }, () => {
+          s.write(hello);
+          s.end(payload);
+        });
+        s.on('error', reject);
+        s.on('close', () => resolve());
+        s.resume();
+      });
+      await waitFor(() => received !== null);
+      const got = await received!;
+      assert.equal(got.length, hello.length + size);
+      assert.ok(got.subarray(hello.length).equals(payload));
+    } finally {
+      await r.stop();
+      await new Promise((resolve) => backend.close(resolve));
+    }
+  });
 });
 
 describe('PROXY protocol', () => {

@@ -56,15 +56,9 @@ export class Connection {
   #sni: string | null = null;
   #alpn: readonly string[] | null = null;
   #relaying = false;
-  // Per direction (up: client → backend, down: backend → client): the reading socket's own
-  // buffer once it moved a bulk transfer (null while it shares `scratch`); whether a write of it
-  // is in flight (it is then not free to read into); and that write's completion callback.
-  #upBuf: Buffer | null = null;
-  #upBusy = false;
-  #upWritten: (() => void) | null = null;
-  #downBuf: Buffer | null = null;
-  #downBusy = false;
-  #downWritten: (() => void) | null = null;
+  /** Up (client → backend) and down: the reading socket's own buffer, once it moved a bulk transfer. */
+  #up: OwnBuffer | null = null;
+  #down: OwnBuffer | null = null;
   #flushedUp = 0;
   #flushedDown = 0;
 
@@ -88,7 +82,7 @@ export class Connection {
 
   static #upReadBuffer(sock: Sock | undefined): Buffer {
     const c = sock === undefined ? undefined : sock[kConn];
-    return c === undefined ? scratch : c.#upBuf ?? scratch;
+    return c === undefined || c.#up === null ? scratch : c.#up.buf;
   }
 
   /** `client` must come from Connection.socketFor. */
@@ -150,36 +144,19 @@ export class Connection {
   static #relay(c: Connection, to: Sock, n: number, buf: Buffer, up: boolean): boolean {
     if (buf === scratch) {
       const ok = to.write(Buffer.copyBytesFrom(buf, 0, n));
-      if (n === READ_SIZE) c.#ownReadBuffer(up);
+      if (n === READ_SIZE) {
+        if (up) c.#up ??= new OwnBuffer(c.#client, to);
+        else c.#down ??= new OwnBuffer(c.#sock!, to);
+      }
       return ok;
     }
+    const own = up ? c.#up! : c.#down!;
     const before = to.writableLength;
-    const ok = to.write(n === buf.length ? buf : buf.subarray(0, n), up ? c.#upWritten! : c.#downWritten!);
+    const ok = to.write(n === buf.length ? buf : buf.subarray(0, n), own.written);
     const after = to.writableLength;
     if (after === before || after === 0) return ok;
-    if (up) c.#upBusy = true;
-    else c.#downBusy = true;
+    own.busy = true;
     return false;
-  }
-
-  /** Gives one direction's reading socket its own read buffer (bulk transfers only). */
-  #ownReadBuffer(up: boolean): void {
-    if (up) {
-      if (this.#upBuf !== null) return;
-      this.#upBuf = Buffer.allocUnsafe(READ_SIZE);
-      this.#upWritten = () => {
-        this.#upBusy = false;
-        // Past the high-water mark the backend's 'drain' resumes reading instead.
-        if (!this.#sock!.writableNeedDrain) this.#client.resume();
-      };
-    } else {
-      if (this.#downBuf !== null) return;
-      this.#downBuf = Buffer.allocUnsafe(READ_SIZE);
-      this.#downWritten = () => {
-        this.#downBusy = false;
-        if (!this.#client.writableNeedDrain) this.#sock?.resume();
-      };
-    }
   }
 
   static #onHelloTimeout(c: Connection): void {
@@ -215,12 +192,12 @@ export class Connection {
 
   static #onClientDrain(this: Sock): void {
     const c = this[kConn]!;
-    if (!c.#downBusy) c.#sock?.resume();
+    if (c.#down === null || !c.#down.busy) c.#sock?.resume();
   }
 
   static #onBackendDrain(this: Sock): void {
     const c = this[kConn]!;
-    if (!c.#upBusy) c.#client.resume();
+    if (c.#up === null || !c.#up.busy) c.#client.resume();
   }
 
   static #onIdleTimeout(this: Sock): void {
@@ -386,7 +363,7 @@ export class Connection {
       host, port: Number(addr.slice(split + 1)), allowHalfOpen: true, noDelay: true, highWaterMark: HIGH_WATER_MARK,
       // The buffer for each next read: the shared scratch buffer, or this socket's own once it
       // carried a bulk transfer. (libuv calls this without the socket, hence one closure.)
-      onread: { buffer: () => this.#downBuf ?? scratch, callback: Connection.#onBackendRead },
+      onread: { buffer: () => this.#down === null ? scratch : this.#down.buf, callback: Connection.#onBackendRead },
     };
     const sock = net.connect(options) as Sock;
     sock[kConn] = this;
@@ -496,6 +473,24 @@ export class Connection {
     this.#client.destroy();
     this.#sock?.destroy();
     if (this.#phase === Phase.Hello) this.#finish();
+  }
+}
+
+/**
+ * A socket's own read buffer (bulk transfers only: idle relays hold none). It is written out in
+ * place, so it is busy, not to be read into, until that write is done; then reading resumes
+ * unless the receiving side is past its high-water mark (its 'drain' resumes reading instead).
+ */
+class OwnBuffer {
+  readonly buf = Buffer.allocUnsafe(READ_SIZE);
+  busy = false;
+  readonly written: () => void;
+
+  constructor(from: net.Socket, to: net.Socket) {
+    this.written = () => {
+      this.busy = false;
+      if (!to.writableNeedDrain) from.resume();
+    };
   }
 }
 
