@@ -4,7 +4,7 @@ import { describe, test } from 'node:test';
 import fc from 'fast-check';
 import { routeList } from '../src/config/routes.ts';
 import {
-  type RouteSpec, RouteTable, Router, alpnKey, diffTables, normalizeName, patternError, routeKey,
+  type RouteSpec, RouteTable, Router, alpnKey, alpnMatches, diffTables, normalizeName, patternError, routeKey,
 } from '../src/router/table.ts';
 
 const fallback = { name: 'caddy', addrs: ['127.0.0.1:8443'], proxyProtocol: null };
@@ -175,5 +175,39 @@ describe('diffTables (what the composer logs, and whether it replaces at all)', 
     const other = { match: 'b.example.com', backend: to('b') };
     assert.equal(diffTables(table([h2, none, other]), table([none, h2, other])).changed.length, 1);
     assert.deepEqual(diffTables(table([h2, none, other]), table([other, h2, none])), { added: [], removed: [], changed: [] });
+  });
+});
+
+describe('lookup against a reference that scans every route', () => {
+  const labelArb = fc.constantFrom('a', 'b', 'c', 'turn', 'x-1');
+  const nameArb = fc.array(labelArb, { minLength: 1, maxLength: 6 }).map((ls) => ls.join('.'));
+  const alpnArb = fc.constantFrom(undefined, 'none', 'any', ['h2'], ['acme-tls/1']);
+  const routeArb = fc.record({ kind: fc.constantFrom('', '*.', '**.'), name: nameArb, alpn: alpnArb, backend: fc.constantFrom('p', 'q', 'r') });
+  const offeredArb = fc.constantFrom(null, [], ['h2'], ['http/1.1'], ['acme-tls/1']);
+
+  function reference(t: RouteTable, sni: string, offered: readonly string[] | null): string | null {
+    const labels = sni.split('.');
+    const patterns = [sni];
+    for (let i = 1; i < labels.length; i++) {
+      const suffix = labels.slice(i).join('.');
+      if (i === 1) patterns.push(`*.${suffix}`);
+      patterns.push(`**.${suffix}`);
+    }
+    for (const p of patterns) {
+      const list = t.routes.filter((r) => r.match === p);
+      list.sort((a, b) => (a.alpn === null ? 1 : 0) - (b.alpn === null ? 1 : 0));
+      const hit = list.find((r) => alpnMatches(r.alpn, offered));
+      if (hit !== undefined) return hit.backend.name;
+    }
+    return null;
+  }
+
+  test('every name, at every depth, gets what a scan of all routes gives', () => {
+    fc.assert(fc.property(fc.array(routeArb, { maxLength: 15 }), fc.array(fc.tuple(nameArb, offeredArb), { minLength: 1, maxLength: 20 }), (rs, qs) => {
+      const t = table(rs.map((r) => ({ match: `${r.kind}${r.name}`, ...(r.alpn === undefined ? {} : { alpn: r.alpn }), backend: to(r.backend) })));
+      for (const [sni, offered] of qs) {
+        assert.equal(t.lookup(sni, offered)?.backend.name ?? null, reference(t, sni, offered), `${sni} offering ${JSON.stringify(offered)}`);
+      }
+    }), { numRuns: 1000 });
   });
 });

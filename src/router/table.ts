@@ -89,6 +89,10 @@ export class RouteTable {
   readonly #exact = new Map<string, RouteSpec[]>();
   readonly #oneLabel = new Map<string, RouteSpec[]>();
   readonly #anyLabels = new Map<string, RouteSpec[]>();
+  /** 1 at each number of labels that some `*.` (`**.`) pattern's suffix has. */
+  readonly #oneDepth = new Uint8Array(256);
+  readonly #anyDepth = new Uint8Array(256);
+  #anyMinDepth = 256;
 
   /**
    * Builds a table from routes in precedence order. On the same match and alpn the first route
@@ -109,6 +113,15 @@ export class RouteTable {
         name = name.slice(2);
       }
       const list = map.get(name);
+      if (list === undefined && map !== this.#exact) {
+        const depth = labelCount(name);
+        if (map === this.#oneLabel) {
+          this.#oneDepth[depth] = 1;
+        } else {
+          this.#anyDepth[depth] = 1;
+          if (depth < this.#anyMinDepth) this.#anyMinDepth = depth;
+        }
+      }
       if (list === undefined) {
         map.set(name, [route]);
       } else {
@@ -142,25 +155,38 @@ export class RouteTable {
   /**
    * The route for a normalized SNI and the offered ALPN, or null for the fallback. Candidates are
    * tried from the most specific pattern down (exact, then the longest suffix, `*.` before `**.`);
-   * the first whose ALPN condition holds wins.
+   * the first whose ALPN condition holds wins. A suffix is looked up only if some wildcard pattern
+   * has its number of labels, so a miss, or a name deeper than every pattern, costs few lookups.
    */
   lookup(sni: string, alpn: readonly string[] | null): RouteSpec | null {
     let hit = pick(this.#exact.get(sni), alpn);
     if (hit !== null) return hit;
     let dot = sni.indexOf('.');
     if (dot < 0) return null;
-    let suffix = sni.slice(dot + 1);
-    hit = pick(this.#oneLabel.get(suffix), alpn) ?? pick(this.#anyLabels.get(suffix), alpn);
-    if (hit !== null) return hit;
-    if (this.#anyLabels.size === 0) return null;
-    for (;;) {
-      dot = suffix.indexOf('.');
-      if (dot < 0) return null;
-      suffix = suffix.slice(dot + 1);
-      hit = pick(this.#anyLabels.get(suffix), alpn);
-      if (hit !== null) return hit;
+    let labels = 1;
+    for (let i = dot + 1; i < sni.length; i++) if (sni.charCodeAt(i) === 0x2e) labels++;
+    const one = this.#oneDepth;
+    const any = this.#anyDepth;
+    if (one[labels] === 1 || any[labels] === 1) {
+      const suffix = sni.slice(dot + 1);
+      if (one[labels] === 1 && (hit = pick(this.#oneLabel.get(suffix), alpn)) !== null) return hit;
+      if (any[labels] === 1 && (hit = pick(this.#anyLabels.get(suffix), alpn)) !== null) return hit;
     }
+    while (labels > this.#anyMinDepth) {
+      dot = sni.indexOf('.', dot + 1);
+      if (dot < 0) return null;
+      labels--;
+      if (any[labels] === 1 && (hit = pick(this.#anyLabels.get(sni.slice(dot + 1)), alpn)) !== null) return hit;
+    }
+    return null;
   }
+}
+
+/** Labels in a name (a name has at most 127). */
+function labelCount(name: string): number {
+  let n = 1;
+  for (let i = 0; i < name.length; i++) if (name.charCodeAt(i) === 0x2e) n++;
+  return n;
 }
 
 export interface RouteDiff {
