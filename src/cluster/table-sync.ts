@@ -4,7 +4,7 @@
 // JSON parse of every route (~70 ms here) on top of building its table; a change set costs only
 // the patterns that changed. Routes are compared by identity first (the composer passes on the
 // route objects of sources that did not change), then field by field.
-import { type AlpnCondition, type BackendSpec, type RouteSpec, RouteTable } from '../router/table.ts';
+import { type AlpnCondition, type BackendSpec, type RouteSpec, RouteTable, sameBackend } from '../router/table.ts';
 import type { TableChange } from './protocol.ts';
 
 /** A pattern's routes: most patterns have one, kept as it is (no array per pattern). */
@@ -15,11 +15,6 @@ function sameAlpn(a: AlpnCondition | null, b: AlpnCondition | null): boolean {
   if (a === null || b === null || a.kind !== b.kind) return false;
   if (a.kind !== 'list' || b.kind !== 'list') return true;
   return a.protocols.length === b.protocols.length && a.protocols.every((p, i) => p === b.protocols[i]);
-}
-
-function sameBackend(a: BackendSpec, b: BackendSpec): boolean {
-  return a === b || (a.name === b.name && a.proxyProtocol === b.proxyProtocol &&
-    a.addrs.length === b.addrs.length && a.addrs.every((x, i) => x === b.addrs[i]));
 }
 
 function sameRoute(a: RouteSpec, b: RouteSpec): boolean {
