@@ -345,13 +345,18 @@ describe('table sync: a change set rebuilds the same table in the worker', () =>
       const first = new RouteTable([], fallback(0));
       const publisher = new TablePublisher(first, 1);
       const replica = new TableReplica();
-      replica.apply(JSON.parse(JSON.stringify(publisher.full())));
+      let previous = replica.apply(JSON.parse(JSON.stringify(publisher.full())));
+      const answers = (t: RouteTable) => names.flatMap((name) => offers.map((offer) => t.lookup(name, offer)));
       let generation = 1;
       for (const [generated, fb] of tables) {
         const routes = JSON.parse(JSON.stringify(generated)) as RouteSpec[];
         const table = new RouteTable(routes, fallback(fb));
         const change = publisher.change(table, ++generation);
+        const before = answers(previous);
         const copy = replica.apply(JSON.parse(JSON.stringify(change)));
+        // The new table shares lists with the one it was derived from, which must not change.
+        assert.deepEqual(answers(previous), before);
+        previous = copy;
         assert.equal(replica.generation, generation);
         assert.deepEqual(copy.fallback, table.fallback);
         assert.equal(copy.routes.length, table.routes.length);
