@@ -97,13 +97,16 @@ describe('cutover with a real Caddy behind the router', () => {
     const turn = await tlsBackend('turn', makeCert(dir, 'cdn.example.com'));
     closers.push(() => turn.close());
     turnPort = turn.port;
-    const turnProcess = spawn(NODE, ['-e', "process.on('SIGUSR2', () => console.log('SIGUSR2')); setInterval(() => {}, 1000);"], {
+    const turnProcess = spawn(NODE, ['-e', "process.on('SIGUSR2', () => console.log('SIGUSR2')); console.log('ready'); setInterval(() => {}, 1000);"], {
       stdio: ['ignore', 'pipe', 'ignore'],
     });
     children.push(turnProcess);
     turnProcess.stdout!.on('data', (d: Buffer) => {
       turnOut += d.toString();
     });
+    // The router acts at start when Caddy's certificate is already there: a signal that came
+    // before the handler would kill the stand-in instead of being counted.
+    await waitFor(() => turnOut.includes('ready'), 10_000, 'the TURN stand-in to install its SIGUSR2 handler');
     turnPid = turnProcess.pid!;
     writeFileSync(join(dir, 'turnserver.pid'), `${turnPid}\n`);
 
