@@ -3,9 +3,8 @@
 // Written for the machine (see ../shared/PERFORMANCE-NOTES.md): both sockets read with `onread`
 // into one scratch buffer shared by every connection (no stream machinery, no allocation per
 // read); the event handlers are shared functions that find their connection through a symbol on
-// the socket, so a connection allocates no closures beyond the two read-buffer selectors; the
-// ClientHello reader and the buffered hello are released as soon as they have been used, so an
-// idle relay holds only its two sockets.
+// the socket, so a connection allocates no closures; the ClientHello reader and the buffered
+// hello are released as soon as they have been used, so an idle relay holds only its two sockets.
 import net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import type { ConnectionResult } from '../metrics/metrics.ts';
@@ -27,7 +26,25 @@ const HIGH_WATER_MARK = 256 * 1024;
 const READ_SIZE = 64 * 1024;
 const scratch = Buffer.allocUnsafe(READ_SIZE);
 
+/**
+ * net.Socket's slot for the `onread` buffer selector, which Node calls after every read and
+ * whose result becomes the buffer for the next. Sockets are built with `onread.buffer` set to
+ * `scratch` itself, so an idle relay has no selector (no closure, no call per read); a socket that
+ * starts a bulk transfer is given one in this slot, and reads into its own buffer from then on.
+ * Internal to Node, like the accept callback RouterServer takes over: found once at load, and a
+ * Node without it fails at once rather than relaying wrong bytes.
+ */
+const kBufferGen: symbol = (() => {
+  const probe = new net.Socket();
+  const found = Object.getOwnPropertySymbols(probe).find((sym) => sym.description === 'kBufferGen');
+  probe.destroy();
+  if (found === undefined) throw new Error(`net.Socket has no onread buffer slot in this Node.js (${process.version}); run the pinned Node 24 (npm ci)`);
+  return found;
+})();
+
 const kConn = Symbol('sni-router.connection');
+/** What #chunks becomes once the buffered bytes are sent or dropped: one shared empty list. */
+const NO_CHUNKS: Buffer[] = Object.freeze([]) as unknown as Buffer[];
 type Sock = net.Socket & { [kConn]?: Connection };
 
 const Phase = { Hello: 0, Dialing: 1, Relaying: 2, Done: 3 } as const;
@@ -68,21 +85,14 @@ export class Connection {
    * Connection built on it must be attached before the event loop turns.
    */
   static socketFor(handle: unknown): net.Socket {
-    let sock: Sock | undefined = undefined;
     // `handle` is net.Socket's own (undocumented) way to wrap an accepted handle, as net.Server does.
     const options = {
       handle, allowHalfOpen: true, readableHighWaterMark: HIGH_WATER_MARK, writableHighWaterMark: HIGH_WATER_MARK,
-      // libuv asks for each next buffer without the socket, hence one closure.
-      onread: { buffer: () => Connection.#upReadBuffer(sock), callback: Connection.#onClientRead },
+      onread: { buffer: scratch, callback: Connection.#onClientRead },
     } as net.SocketConstructorOpts;
-    sock = new net.Socket(options) as Sock;
+    const sock = new net.Socket(options);
     sock.setNoDelay(true);
     return sock;
-  }
-
-  static #upReadBuffer(sock: Sock | undefined): Buffer {
-    const c = sock === undefined ? undefined : sock[kConn];
-    return c === undefined || c.#up === null ? scratch : c.#up.buf;
   }
 
   /** `client` must come from Connection.socketFor. */
@@ -361,9 +371,7 @@ export class Connection {
     // net.Socket passes its options on to stream.Duplex, which reads the high-water marks.
     const options: net.NetConnectOpts & { highWaterMark: number } = {
       host, port: Number(addr.slice(split + 1)), allowHalfOpen: true, noDelay: true, highWaterMark: HIGH_WATER_MARK,
-      // The buffer for each next read: the shared scratch buffer, or this socket's own once it
-      // carried a bulk transfer. (libuv calls this without the socket, hence one closure.)
-      onread: { buffer: () => this.#down === null ? scratch : this.#down.buf, callback: Connection.#onBackendRead },
+      onread: { buffer: scratch, callback: Connection.#onBackendRead },
     };
     const sock = net.connect(options) as Sock;
     sock[kConn] = this;
@@ -397,7 +405,7 @@ export class Connection {
     // First what the backend waits for (time to first byte): the PROXY header and every byte
     // read so far, in one write. The bookkeeping follows.
     const parts = this.#chunks;
-    this.#chunks = [];
+    this.#chunks = NO_CHUNKS;
     if (backend.proxyProtocol !== null) {
       parts.unshift(proxyHeader(backend.proxyProtocol, {
         srcAddr: client.remoteAddress ?? '',
@@ -434,7 +442,7 @@ export class Connection {
       this.#timer = null;
     }
     if (!this.#client.destroyed) this.#client.destroy();
-    this.#chunks = [];
+    this.#chunks = NO_CHUNKS;
     if (wasRelaying) server.metrics.activeChanged(this.#backend!.name, -1);
     server.release(this);
     this.flushBytes();
@@ -486,7 +494,10 @@ class OwnBuffer {
   busy = false;
   readonly written: () => void;
 
+  /** Makes `from` read into this buffer from its next read on (see kBufferGen). */
   constructor(from: net.Socket, to: net.Socket) {
+    const buf = this.buf;
+    (from as net.Socket & Record<symbol, unknown>)[kBufferGen] = () => buf;
     this.written = () => {
       this.busy = false;
       if (!to.writableNeedDrain) from.resume();
