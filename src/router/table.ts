@@ -163,8 +163,7 @@ export class RouteTable {
     if (hit !== null) return hit;
     let dot = sni.indexOf('.');
     if (dot < 0) return null;
-    let labels = 1;
-    for (let i = dot + 1; i < sni.length; i++) if (sni.charCodeAt(i) === 0x2e) labels++;
+    let labels = labelCount(sni) - 1; // of the suffix after the first label
     const one = this.#oneDepth;
     const any = this.#anyDepth;
     if (one[labels] === 1 || any[labels] === 1) {
@@ -237,7 +236,7 @@ function diffPattern(prev: readonly RouteSpec[], next: readonly RouteSpec[], dif
     if (alpnKey(p.alpn) !== alpnKey(n.alpn)) {
       diff.removed.push(p);
       diff.added.push(n);
-    } else if (p !== n && (p.source !== n.source || !sameBackend(p.backend, n.backend))) {
+    } else if (!sameTarget(p, n)) {
       diff.changed.push(n);
     }
     return;
@@ -253,12 +252,16 @@ function diffPattern(prev: readonly RouteSpec[], next: readonly RouteSpec[], dif
       continue;
     }
     if (j !== i) reordered = true;
-    const p = prev[j];
-    if (p !== next[i] && (p.source !== next[i].source || !sameBackend(p.backend, next[i].backend))) diff.changed.push(next[i]);
+    if (!sameTarget(prev[j], next[i])) diff.changed.push(next[i]);
   }
   for (let j = 0; j < prev.length; j++) if (!nextKeys.includes(prevKeys[j])) diff.removed.push(prev[j]);
   // The same routes in another order answer lookups differently: that is a change too.
   if (reordered && diff.added.length + diff.removed.length + diff.changed.length === reported) diff.changed.push(next[0]);
+}
+
+/** Two routes of the same match and alpn that send to the same backend from the same source. */
+function sameTarget(a: RouteSpec, b: RouteSpec): boolean {
+  return a === b || (a.source === b.source && sameBackend(a.backend, b.backend));
 }
 
 /** Same name, addresses (in order) and PROXY protocol version. */
