@@ -1,111 +1,139 @@
 // One client connection, from accept to close: read the ClientHello, route, dial, relay.
 //
-// Written for the machine (see ../shared/PERFORMANCE-NOTES.md): both sockets read with `onread`
-// into one scratch buffer shared by every connection (no stream machinery, no allocation per
-// read); the event handlers are shared functions that find their connection through a symbol on
-// the socket, so a connection allocates no closures; the ClientHello reader and the buffered
-// hello are released as soon as they have been used, so an idle relay holds only its two sockets.
-import net from 'node:net';
+// Written for the machine (see ../shared/PERFORMANCE-NOTES.md and bench/PROFILE.md): the relay
+// drives libuv's TCP handles directly (./uv.ts), not net.Socket: a read lands in one scratch
+// buffer shared by every connection and is written to the other side at once; a FIN is forwarded
+// as a shutdown; backpressure stops reading. No stream states, no events, no nextTicks, and the
+// handlers are shared functions that find their connection through a symbol on the handle, so a
+// connection allocates no closures. The ClientHello reader and the buffered hello are released as
+// soon as they have been used: an idle relay holds its two handles and this object.
+import { lookup } from 'node:dns';
+import { isIP } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import type { ConnectionResult } from '../metrics/metrics.ts';
 import { ClientHelloReader, type HelloVerdict } from './clienthello.ts';
 import { proxyHeader, unmapIPv4 } from './proxyprotocol.ts';
 import type { BackendSpec } from './table.ts';
 import type { RouterServer } from './server.ts';
+import {
+  ConnectWrap, LAST_WRITE_WAS_ASYNC, READ_BYTES, ShutdownWrap, type SocketAddress, streamState, TCP, TCP_SOCKET,
+  type TcpHandle, UV_EOF, WriteWrap, type WriteRequest, type ShutdownRequest, type ConnectRequest, errorName,
+} from './uv.ts';
 
 const FALLBACK_ROUTE = 'fallback';
-/** Socket buffering before backpressure pauses the other side: fewer pause/resume round trips. */
+/** Bytes queued towards one side before reading from the other stops; reading resumes below half. */
 const HIGH_WATER_MARK = 256 * 1024;
+const LOW_WATER_MARK = HIGH_WATER_MARK / 2;
 
 /**
- * Reads land in one scratch buffer shared by every socket (libuv reads one socket at a time, and
- * the callback consumes the bytes before returning), so an idle relay holds no read buffer at
- * all. A read that fills the scratch buffer means a bulk transfer: that socket then gets a buffer
- * of its own, written out in place without a copy.
+ * Reads land in one scratch buffer shared by every handle (libuv reads one handle at a time, and
+ * the callback writes or copies the bytes before returning), so an idle relay holds no read buffer
+ * at all. What is read there is copied into a write of its own size: a write the kernel cannot
+ * take at once keeps pointing at its bytes. A read that fills the scratch buffer means a bulk
+ * transfer: that direction then gets a buffer of its own, written out in place without a copy,
+ * and read into again only once that write is done.
  */
 const READ_SIZE = 64 * 1024;
 const scratch = Buffer.allocUnsafe(READ_SIZE);
 
-/**
- * net.Socket's slot for the `onread` buffer selector, which Node calls after every read and
- * whose result becomes the buffer for the next. Sockets are built with `onread.buffer` set to
- * `scratch` itself, so an idle relay has no selector (no closure, no call per read); a socket that
- * starts a bulk transfer is given one in this slot, and reads into its own buffer from then on.
- * Internal to Node, like the accept callback RouterServer takes over: found once at load, and a
- * Node without it fails at once rather than relaying wrong bytes.
- */
-const kBufferGen: symbol = (() => {
-  const probe = new net.Socket();
-  const found = Object.getOwnPropertySymbols(probe).find((sym) => sym.description === 'kBufferGen');
-  probe.destroy();
-  if (found === undefined) throw new Error(`net.Socket has no onread buffer slot in this Node.js (${process.version}); run the pinned Node 24 (npm ci)`);
-  return found;
-})();
-
 const kConn = Symbol('sni-router.connection');
+type Handle = TcpHandle & { [kConn]?: Connection };
+
+/** A write libuv could not finish at once: what it belongs to, and its bytes, kept alive until done. */
+type PendingWrite = WriteRequest & { conn: Connection | null; up: boolean; inPlace: boolean; data: Buffer | null };
+type PendingShutdown = ShutdownRequest & { conn: Connection | null };
+type PendingConnect = ConnectRequest & { conn: Connection | null };
+
+/**
+ * The request object for the next write. A write that completes at once never touches it (libuv
+ * wraps it only for a write it has to queue), so one serves every such write; a queued write
+ * keeps it, and the next write gets a fresh one.
+ */
+let nextWrite = newWriteRequest();
+
+function newWriteRequest(): PendingWrite {
+  const req = new WriteWrap() as PendingWrite;
+  req.conn = null;
+  req.up = false;
+  req.inPlace = false;
+  req.data = null;
+  return req;
+}
+
 /** What #chunks becomes once the buffered bytes are sent or dropped: one shared empty list. */
 const NO_CHUNKS: Buffer[] = Object.freeze([]) as unknown as Buffer[];
-type Sock = net.Socket & { [kConn]?: Connection };
 
 const Phase = { Hello: 0, Dialing: 1, Relaying: 2, Done: 3 } as const;
 type Phase = (typeof Phase)[keyof typeof Phase];
 
+/** Bits of Connection.#flags. */
+const CLIENT_EOF = 1; // the client sent its FIN (or went away during the hello)
+const BACKEND_EOF = 2;
+const CLIENT_READING = 4;
+const BACKEND_READING = 8;
+const UP_BUSY = 16; // the up direction's own buffer is being written out
+const DOWN_BUSY = 32;
+const UP_FULL = 64; // the backend's write queue passed the high-water mark
+const DOWN_FULL = 128;
+const CLIENT_GONE = 256; // the client's connection failed (reset) before relaying began
+const RELAYED = 512; // the relay began: bytes count towards bytes_total
+
 export class Connection {
   readonly #server: RouterServer;
-  readonly #client: Sock;
+  readonly #client: Handle;
   /** The client's address when the per-IP limit counted it, else null (looked up only if needed). */
   readonly #countedIp: string | null;
   readonly #acceptedAt = performance.now();
   #phase: Phase = Phase.Hello;
+  #flags = CLIENT_READING;
   #reader: ClientHelloReader | null;
   #chunks: Buffer[] = [];
   #timer: NodeJS.Timeout | null;
-  #clientEnded = false;
-  #backendEnded = false;
-  #clientClosed = false;
-  #backendClosed = true;
   #backend: BackendSpec | null = null;
-  #sock: Sock | null = null;
+  #sock: Handle | null = null;
   #addrIndex = 0;
+  /** Which dial attempt is current: a late answer to an abandoned one (DNS, connect) is ignored. */
+  #attempt = 0;
   #dialStartedAt = 0;
   #route = FALLBACK_ROUTE;
   #result: ConnectionResult = 'ok';
   #sni: string | null = null;
   #alpn: readonly string[] | null = null;
-  #relaying = false;
-  /** Up (client → backend) and down: the reading socket's own buffer, once it moved a bulk transfer. */
-  #up: OwnBuffer | null = null;
-  #down: OwnBuffer | null = null;
+  /** Queued writes and shutdowns not yet done: the connection closes only once there are none. */
+  #pending = 0;
+  /** Up (client → backend) and down: that direction's own read buffer, once it moved a bulk transfer. */
+  #upBuf: Buffer | null = null;
+  #downBuf: Buffer | null = null;
+  #bytesUp = 0;
+  #bytesDown = 0;
   #flushedUp = 0;
   #flushedDown = 0;
+  /** Idle-sweep ticks since the last read either way (RouterServer's sweeper). */
+  #idleTicks = 0;
 
-  /**
-   * Wraps an accepted connection's libuv handle in a Socket that reads with `onread` (net.Server
-   * has no option for it; RouterServer hands us the handle instead). Reading starts at once; the
-   * Connection built on it must be attached before the event loop turns.
-   */
-  static socketFor(handle: unknown): net.Socket {
-    // `handle` is net.Socket's own (undocumented) way to wrap an accepted handle, as net.Server does.
-    const options = {
-      handle, allowHalfOpen: true, readableHighWaterMark: HIGH_WATER_MARK, writableHighWaterMark: HIGH_WATER_MARK,
-      onread: { buffer: scratch, callback: Connection.#onClientRead },
-    } as net.SocketConstructorOpts;
-    const sock = new net.Socket(options);
-    sock.setNoDelay(true);
-    return sock;
-  }
-
-  /** `client` must come from Connection.socketFor. */
-  constructor(server: RouterServer, client: net.Socket, countedIp: string | null) {
+  /** Takes an accepted connection's libuv handle and starts reading the ClientHello. */
+  constructor(server: RouterServer, client: TcpHandle, countedIp: string | null) {
     this.#server = server;
-    this.#client = client as Sock;
+    this.#client = client as Handle;
     this.#countedIp = countedIp;
     this.#reader = new ClientHelloReader(server.settings.maxClientHelloBytes);
-    this.#client[kConn] = this;
-    client.on('end', Connection.#onClientEnd);
-    client.on('error', Connection.#onClientError);
-    client.on('close', Connection.#onClientClose);
     this.#timer = setTimeout(Connection.#onHelloTimeout, server.settings.clientHelloTimeoutMs, this);
+    const h = this.#client;
+    h[kConn] = this;
+    h.onread = Connection.#onClientRead;
+    h.setNoDelay(true);
+    h.useUserBuffer(scratch);
+    const err = h.readStart();
+    if (err !== 0) {
+      this.#flags |= CLIENT_GONE | CLIENT_EOF;
+      this.#flags &= ~CLIENT_READING;
+      this.#routeBy({ kind: 'failure', reason: 'closed', detail: `client connection failed (${errorName(err)})` });
+    }
+  }
+
+  /** True once the connection is over (it can be over before its constructor returns). */
+  get finished(): boolean {
+    return this.#phase === Phase.Done;
   }
 
   get countedIp(): string | null {
@@ -114,59 +142,206 @@ export class Connection {
 
   /** The client's address (an IPv4 client on a dual-stack socket as IPv4). */
   get clientAddress(): string {
-    return this.#countedIp ?? unmapIPv4(this.#client.remoteAddress ?? '');
+    return this.#countedIp ?? unmapIPv4(peerOf(this.#client).address ?? '');
   }
 
-  // ---- handlers: shared functions, `this` is the socket ----
+  // ---- handlers: shared functions, `this` is the handle or the request ----
 
-  /**
-   * onread callback of the client socket. Returning false stops reading: while the route is
-   * looked up and dialed, while a write of this socket's own buffer is in flight, or while the
-   * backend is not keeping up.
-   */
-  static #onClientRead(this: Sock, n: number, buf: Buffer): boolean {
+  /** onread of the client handle: the byte count (or EOF, or an error) is in streamState. */
+  static #onClientRead(this: Handle): void {
     const c = this[kConn];
-    if (c === undefined) return false;
-    if (c.#phase === Phase.Relaying) return Connection.#relay(c, c.#sock!, n, buf, true);
-    if (c.#phase !== Phase.Hello) return false;
-    const chunk = Buffer.copyBytesFrom(buf, 0, n);
-    c.#chunks.push(chunk);
-    const verdict = c.#reader!.push(chunk);
-    if (verdict === null) return true;
-    c.#routeBy(verdict);
-    return false;
+    if (c === undefined) return;
+    const n = streamState[READ_BYTES];
+    if (n > 0) {
+      if (c.#phase === Phase.Relaying) Connection.#relay(c, n, true);
+      else if (c.#phase === Phase.Hello) c.#helloRead(n);
+    } else if (n < 0) {
+      c.#clientReadEnded(n);
+    }
   }
 
-  /** onread callback of the backend socket: see #onClientRead. */
-  static #onBackendRead(this: Sock, n: number, buf: Buffer): boolean {
-    const c = this[kConn]!;
-    if (c.#phase !== Phase.Relaying) return false;
-    return Connection.#relay(c, c.#client, n, buf, false);
+  /** onread of the backend handle. */
+  static #onBackendRead(this: Handle): void {
+    const c = this[kConn];
+    if (c === undefined || c.#phase !== Phase.Relaying) return;
+    const n = streamState[READ_BYTES];
+    if (n > 0) Connection.#relay(c, n, false);
+    else if (n < 0) c.#backendReadEnded(n);
   }
 
   /**
-   * Writes what one socket just read to the other. From the shared scratch buffer the bytes are
-   * copied out (they are overwritten by the next read of any socket); a read that filled it means
-   * a bulk transfer, so this socket gets a buffer of its own for its next reads. An own buffer is
-   * written in place, and read into again only once that write is done: a write the kernel took
-   * at once is done before write() returns (the queued length does not grow).
+   * Writes what one side just read to the other: out of the scratch buffer as a copy (the next
+   * read of any handle overwrites it), out of a direction's own buffer in place. A read that filled
+   * the scratch buffer gives its direction an own buffer for the reads that follow.
    */
-  static #relay(c: Connection, to: Sock, n: number, buf: Buffer, up: boolean): boolean {
-    if (buf === scratch) {
-      const ok = to.write(Buffer.copyBytesFrom(buf, 0, n));
-      if (n === READ_SIZE) {
-        if (up) c.#up ??= new OwnBuffer(c.#client, to);
-        else c.#down ??= new OwnBuffer(c.#sock!, to);
-      }
-      return ok;
+  static #relay(c: Connection, n: number, up: boolean): void {
+    c.#idleTicks = 0;
+    const own = up ? c.#upBuf : c.#downBuf;
+    let data: Buffer;
+    if (own === null) {
+      data = Buffer.allocUnsafe(n);
+      scratch.copy(data, 0, 0, n);
+    } else {
+      data = n === own.length ? own : own.subarray(0, n);
     }
-    const own = up ? c.#up! : c.#down!;
-    const before = to.writableLength;
-    const ok = to.write(n === buf.length ? buf : buf.subarray(0, n), own.written);
-    const after = to.writableLength;
-    if (after === before || after === 0) return ok;
-    own.busy = true;
-    return false;
+    if (up) c.#bytesUp += n;
+    else c.#bytesDown += n;
+    if (!c.#send(up, data, own !== null)) return;
+    if (own === null && n === READ_SIZE) {
+      const buf = Buffer.allocUnsafe(READ_SIZE);
+      if (up) {
+        c.#upBuf = buf;
+        c.#client.useUserBuffer(buf);
+      } else {
+        c.#downBuf = buf;
+        c.#sock!.useUserBuffer(buf);
+      }
+    }
+  }
+
+  /**
+   * Writes `data` up (to the backend) or down. A write libuv has to queue holds its bytes until
+   * done: an own buffer is not read into meanwhile, and a queue past the high-water mark stops
+   * reading from the other side. False when the write failed (the connection is finished).
+   */
+  #send(up: boolean, data: Buffer, inPlace: boolean): boolean {
+    const to = up ? this.#sock! : this.#client;
+    const req = nextWrite;
+    const err = to.writeBuffer(req, data);
+    if (err !== 0) {
+      this.#fail(err);
+      return false;
+    }
+    if (streamState[LAST_WRITE_WAS_ASYNC] === 0) return true;
+    nextWrite = newWriteRequest();
+    req.oncomplete = Connection.#onWriteDone;
+    req.conn = this;
+    req.up = up;
+    req.inPlace = inPlace;
+    req.data = data;
+    this.#pending++;
+    if (inPlace) {
+      this.#flags |= up ? UP_BUSY : DOWN_BUSY;
+      this.#stopReading(up);
+    } else if (to.writeQueueSize >= HIGH_WATER_MARK) {
+      this.#flags |= up ? UP_FULL : DOWN_FULL;
+      this.#stopReading(up);
+    }
+    return true;
+  }
+
+  static #onWriteDone(this: PendingWrite, status: number): void {
+    const c = this.conn!;
+    const up = this.up;
+    this.conn = null;
+    this.data = null;
+    if (c.#phase === Phase.Done) return;
+    c.#pending--;
+    if (status < 0) {
+      c.#fail(status);
+      return;
+    }
+    if (this.inPlace) c.#flags &= ~(up ? UP_BUSY : DOWN_BUSY);
+    if ((up ? c.#sock! : c.#client).writeQueueSize <= LOW_WATER_MARK) c.#flags &= ~(up ? UP_FULL : DOWN_FULL);
+    c.#resumeReading(up);
+    c.#closeIfDone();
+  }
+
+  /** Stops reading the side that feeds direction `up`. */
+  #stopReading(up: boolean): void {
+    const bit = up ? CLIENT_READING : BACKEND_READING;
+    if ((this.#flags & bit) === 0) return;
+    this.#flags &= ~bit;
+    (up ? this.#client : this.#sock!).readStop();
+  }
+
+  /** Reads again from the side that feeds direction `up`, unless it ended or is held back. */
+  #resumeReading(up: boolean): void {
+    const f = this.#flags;
+    if (up ? (f & (CLIENT_READING | CLIENT_EOF | UP_BUSY | UP_FULL)) !== 0 : (f & (BACKEND_READING | BACKEND_EOF | DOWN_BUSY | DOWN_FULL)) !== 0) return;
+    this.#flags |= up ? CLIENT_READING : BACKEND_READING;
+    const err = (up ? this.#client : this.#sock!).readStart();
+    if (err !== 0) this.#fail(err);
+  }
+
+  /** A hello-phase read: keep a copy, and route once the ClientHello is complete (or is not one). */
+  #helloRead(n: number): void {
+    this.#bytesUp += n;
+    const chunk = Buffer.copyBytesFrom(scratch, 0, n);
+    this.#chunks.push(chunk);
+    const verdict = this.#reader!.push(chunk);
+    if (verdict !== null) this.#routeBy(verdict);
+  }
+
+  #clientReadEnded(code: number): void {
+    this.#flags &= ~CLIENT_READING;
+    if (code === UV_EOF) {
+      this.#flags |= CLIENT_EOF;
+      if (this.#phase === Phase.Hello) {
+        this.#routeBy({ kind: 'failure', reason: 'closed', detail: 'client closed before the ClientHello was complete' });
+      } else if (this.#phase === Phase.Relaying) {
+        this.#forwardEnd(true);
+      }
+      return;
+    }
+    if (this.#phase === Phase.Hello) {
+      this.#flags |= CLIENT_GONE | CLIENT_EOF;
+      this.#routeBy({ kind: 'failure', reason: 'closed', detail: 'client connection reset' });
+    } else {
+      this.#fail(code);
+    }
+  }
+
+  #backendReadEnded(code: number): void {
+    this.#flags &= ~BACKEND_READING;
+    if (code !== UV_EOF) {
+      this.#fail(code);
+      return;
+    }
+    this.#flags |= BACKEND_EOF;
+    this.#forwardEnd(false);
+  }
+
+  /**
+   * Half-close: a FIN from one side becomes a FIN to the other (a shutdown, which libuv sends
+   * after every queued write), and the other direction keeps flowing. Once both sides have sent
+   * theirs, the connection closes when nothing is left to write.
+   */
+  #forwardEnd(up: boolean): void {
+    if ((this.#flags & (up ? BACKEND_EOF : CLIENT_EOF)) === 0) {
+      const req = new ShutdownWrap() as PendingShutdown;
+      req.conn = this;
+      req.oncomplete = Connection.#onShutdownDone;
+      const err = (up ? this.#sock! : this.#client).shutdown(req);
+      if (err !== 0) {
+        this.#fail(err);
+        return;
+      }
+      this.#pending++;
+    }
+    this.#closeIfDone();
+  }
+
+  static #onShutdownDone(this: PendingShutdown): void {
+    const c = this.conn!;
+    this.conn = null;
+    if (c.#phase === Phase.Done) return;
+    c.#pending--;
+    // A shutdown that failed (the peer reset) needs nothing more: that side's read reports it.
+    c.#closeIfDone();
+  }
+
+  #closeIfDone(): void {
+    if ((this.#flags & (CLIENT_EOF | BACKEND_EOF)) === (CLIENT_EOF | BACKEND_EOF) && this.#pending === 0) this.#finish();
+  }
+
+  /** A read, write or shutdown failed: the relay is over, both sides are closed. */
+  #fail(code: number): void {
+    if (this.#result === 'ok') {
+      const name = errorName(code);
+      this.#result = name === 'ECONNRESET' || name === 'EPIPE' ? 'reset' : 'error';
+    }
+    this.#finish();
   }
 
   static #onHelloTimeout(c: Connection): void {
@@ -174,111 +349,11 @@ export class Connection {
     if (c.#phase === Phase.Hello) c.#routeBy({ kind: 'failure', reason: 'timeout', detail: 'no complete ClientHello in time' });
   }
 
-  static #onClientEnd(this: Sock): void {
-    const c = this[kConn]!;
-    c.#clientEnded = true;
-    if (c.#phase === Phase.Hello) {
-      c.#routeBy({ kind: 'failure', reason: 'closed', detail: 'client closed before the ClientHello was complete' });
-    } else if (c.#phase === Phase.Relaying) {
-      Connection.#forwardEnd(c.#sock!, c.#backendEnded);
-    }
-  }
-
-  static #onBackendEnd(this: Sock): void {
-    const c = this[kConn]!;
-    c.#backendEnded = true;
-    Connection.#forwardEnd(c.#client, c.#clientEnded);
-  }
-
-  /**
-   * Half-close: a FIN from one side becomes a FIN to the other, and the other direction keeps
-   * flowing. When the receiving side has already sent its own FIN, both directions are done:
-   * closing (which sends the FIN) saves a shutdown() call, once everything queued is written.
-   */
-  static #forwardEnd(to: Sock, toAlreadyEnded: boolean): void {
-    if (toAlreadyEnded && to.writableLength === 0) to.destroy();
-    else to.end();
-  }
-
-  static #onClientDrain(this: Sock): void {
-    const c = this[kConn]!;
-    if (c.#down === null || !c.#down.busy) c.#sock?.resume();
-  }
-
-  static #onBackendDrain(this: Sock): void {
-    const c = this[kConn]!;
-    if (c.#up === null || !c.#up.busy) c.#client.resume();
-  }
-
-  static #onIdleTimeout(this: Sock): void {
-    const c = this[kConn]!;
-    if (c.#result === 'ok') c.#result = 'idle_timeout';
-    c.#client.destroy();
-    c.#sock?.destroy();
-  }
-
-  static #onClientError(this: Sock, err: NodeJS.ErrnoException): void {
-    const c = this[kConn]!;
-    if (c.#result === 'ok') c.#result = isReset(err) ? 'reset' : 'error';
-    c.#sock?.destroy();
-  }
-
-  static #onBackendError(this: Sock, err: NodeJS.ErrnoException): void {
-    const c = this[kConn]!;
-    if (c.#phase === Phase.Dialing) {
-      const backend = c.#backend!;
-      c.#server.dialFailed(backend, backend.addrs[c.#addrIndex], err);
-      c.#addrIndex++;
-      return; // 'close' follows; it dials the next address
-    }
-    if (c.#result === 'ok') c.#result = isReset(err) ? 'reset' : 'error';
-    c.#client.destroy();
-  }
-
-  static #onDialTimeout(c: Connection): void {
-    c.#timer = null;
-    c.#sock?.destroy(Object.assign(new Error('dial timeout'), { code: 'ETIMEDOUT' }));
-  }
-
-  static #onBackendConnect(this: Sock): void {
-    this[kConn]!.#startRelay();
-  }
-
-  static #onBackendClose(this: Sock): void {
-    const c = this[kConn]!;
-    c.#backendClosed = true;
-    if (c.#phase === Phase.Dialing) {
-      if (c.#timer !== null) {
-        clearTimeout(c.#timer);
-        c.#timer = null;
-      }
-      if (c.#clientClosed) {
-        if (c.#result === 'ok') c.#result = 'error';
-        c.#finish();
-      } else {
-        c.#dial();
-      }
-      return;
-    }
-    if (c.#clientClosed) c.#finish();
-  }
-
-  static #onClientClose(this: Sock, hadError: boolean): void {
-    const c = this[kConn]!;
-    c.#clientClosed = true;
-    switch (c.#phase) {
-      case Phase.Hello:
-        c.#routeBy({ kind: 'failure', reason: 'closed', detail: hadError ? 'client connection reset' : 'client closed' });
-        return;
-      case Phase.Dialing:
-        // The dial's own close handler finishes the connection.
-        c.#sock?.destroy();
-        return;
-      case Phase.Relaying:
-        if (hadError) c.#sock!.destroy();
-        if (c.#backendClosed) c.#finish();
-        return;
-    }
+  /** One tick of the server's idle sweep: a relay with no read either way for `limit` ticks is closed. */
+  idleTick(limit: number): void {
+    if (this.#phase !== Phase.Relaying || ++this.#idleTicks <= limit) return;
+    if (this.#result === 'ok') this.#result = 'idle_timeout';
+    this.#finish();
   }
 
   // ---- the state machine ----
@@ -291,7 +366,7 @@ export class Connection {
       this.#timer = null;
     }
     this.#reader = null;
-    this.#client.pause();
+    this.#stopReading(true);
     m.clientHelloDuration.observe((performance.now() - this.#acceptedAt) / 1000);
     let backend: BackendSpec | null = null;
     if (verdict.kind === 'hello') {
@@ -327,7 +402,7 @@ export class Connection {
       this.#finish();
       return;
     }
-    if (this.#clientClosed) {
+    if ((this.#flags & CLIENT_GONE) !== 0) {
       // The client is gone (reset): nobody to relay for.
       if (this.#result === 'ok') this.#result = 'reset';
       this.#finish();
@@ -354,6 +429,7 @@ export class Connection {
     return n;
   }
 
+  /** Dials the next address to try (RouterServer.nextAddr), or gives up when none is left. */
   #dial(): void {
     const backend = this.#backend!;
     const index = this.#server.nextAddr(backend, this.#addrIndex);
@@ -363,74 +439,110 @@ export class Connection {
       return;
     }
     this.#addrIndex = index;
+    const attempt = ++this.#attempt;
     const addr = backend.addrs[index];
     const split = addr.lastIndexOf(':');
     const host = addr.charCodeAt(0) === 0x5b /* [ */ ? addr.slice(1, split - 1) : addr.slice(0, split);
+    const port = Number(addr.slice(split + 1));
     this.#dialStartedAt = performance.now();
-    this.#backendClosed = false;
-    // net.Socket passes its options on to stream.Duplex, which reads the high-water marks.
-    const options: net.NetConnectOpts & { highWaterMark: number } = {
-      host, port: Number(addr.slice(split + 1)), allowHalfOpen: true, noDelay: true, highWaterMark: HIGH_WATER_MARK,
-      onread: { buffer: scratch, callback: Connection.#onBackendRead },
-    };
-    const sock = net.connect(options) as Sock;
+    this.#timer = setTimeout(Connection.#onDialTimeout, this.#server.settings.backendDialTimeoutMs, this);
+    const family = isIP(host);
+    if (family !== 0) {
+      this.#connect(host, family, port);
+      return;
+    }
+    // A host name (a compose service, say): resolved for each dial, as net.connect would.
+    lookup(host, (err, address, resolvedFamily) => {
+      if (this.#phase !== Phase.Dialing || this.#attempt !== attempt) return;
+      if (err !== null) this.#dialFailed(err.code ?? 'ENOTFOUND');
+      else this.#connect(address, resolvedFamily, port);
+    });
+  }
+
+  #connect(address: string, family: number, port: number): void {
+    const sock = new TCP(TCP_SOCKET) as Handle;
     sock[kConn] = this;
     this.#sock = sock;
-    this.#timer = setTimeout(Connection.#onDialTimeout, this.#server.settings.backendDialTimeoutMs, this);
-    sock.on('connect', Connection.#onBackendConnect);
-    sock.on('error', Connection.#onBackendError);
-    sock.on('close', Connection.#onBackendClose);
+    const req = new ConnectWrap() as PendingConnect;
+    req.conn = this;
+    req.oncomplete = Connection.#onConnect;
+    const err = family === 6 ? sock.connect6(req, address, port) : sock.connect(req, address, port);
+    if (err !== 0) this.#dialFailed(errorName(err));
+  }
+
+  static #onConnect(this: PendingConnect, status: number, sock: Handle): void {
+    const c = this.conn!;
+    this.conn = null;
+    // An abandoned attempt (timed out, or the connection finished meanwhile) has been closed.
+    if (c.#sock !== sock || c.#phase !== Phase.Dialing) return;
+    if (status < 0) c.#dialFailed(errorName(status));
+    else c.#startRelay();
+  }
+
+  static #onDialTimeout(c: Connection): void {
+    c.#timer = null;
+    if (c.#phase === Phase.Dialing) c.#dialFailed('ETIMEDOUT');
+  }
+
+  /** This address failed: note it (cooldown, metric, log) and dial the next. */
+  #dialFailed(code: string): void {
+    if (this.#timer !== null) {
+      clearTimeout(this.#timer);
+      this.#timer = null;
+    }
+    if (this.#sock !== null) {
+      this.#sock.close();
+      this.#sock = null;
+    }
+    const backend = this.#backend!;
+    this.#server.dialFailed(backend, backend.addrs[this.#addrIndex], code);
+    this.#addrIndex++;
+    this.#dial();
   }
 
   #startRelay(): void {
     const server = this.#server;
     const backend = this.#backend!;
     const sock = this.#sock!;
-    const client = this.#client;
     const connectedAt = performance.now();
     if (this.#timer !== null) {
       clearTimeout(this.#timer);
       this.#timer = null;
     }
-    if (this.#clientClosed) {
-      server.dialSucceeded(backend.addrs[this.#addrIndex]);
-      server.metrics.dialTook(backend.name, (connectedAt - this.#dialStartedAt) / 1000);
-      sock.destroy();
-      return;
-    }
     this.#phase = Phase.Relaying;
-    this.#relaying = true;
+    this.#flags |= RELAYED;
     server.metrics.activeChanged(backend.name, 1);
+    sock.setNoDelay(true);
+    sock.onread = Connection.#onBackendRead;
+    sock.useUserBuffer(scratch);
 
     // First what the backend waits for (time to first byte): the PROXY header and every byte
     // read so far, in one write. The bookkeeping follows.
     const parts = this.#chunks;
     this.#chunks = NO_CHUNKS;
     if (backend.proxyProtocol !== null) {
+      const src = peerOf(this.#client);
+      const dst: SocketAddress = {};
+      this.#client.getsockname(dst);
       parts.unshift(proxyHeader(backend.proxyProtocol, {
-        srcAddr: client.remoteAddress ?? '',
-        srcPort: client.remotePort ?? 0,
-        dstAddr: client.localAddress ?? '',
-        dstPort: client.localPort ?? 0,
+        srcAddr: src.address ?? '', srcPort: src.port ?? 0, dstAddr: dst.address ?? '', dstPort: dst.port ?? 0,
       }));
     }
-    if (parts.length > 0) sock.write(parts.length === 1 ? parts[0] : Buffer.concat(parts));
+    if (parts.length > 0 && !this.#send(true, parts.length === 1 ? parts[0] : Buffer.concat(parts), false)) return;
 
-    client.on('drain', Connection.#onClientDrain);
-    sock.on('drain', Connection.#onBackendDrain);
-    sock.on('end', Connection.#onBackendEnd);
-    // Both directions pass through the client socket, so its timer sees all activity.
-    if (server.settings.idleTimeoutMs > 0) {
-      client.setTimeout(server.settings.idleTimeoutMs);
-      client.on('timeout', Connection.#onIdleTimeout);
+    this.#flags |= BACKEND_READING;
+    let err = sock.readStart();
+    if (err === 0) {
+      if ((this.#flags & CLIENT_EOF) !== 0) this.#forwardEnd(true);
+      else {
+        this.#flags |= CLIENT_READING;
+        err = this.#client.readStart();
+      }
     }
-    if (this.#clientEnded) sock.end();
-    else client.resume();
-
     server.dialSucceeded(backend.addrs[this.#addrIndex]);
     server.metrics.dialTook(backend.name, (connectedAt - this.#dialStartedAt) / 1000);
+    if (err !== 0) this.#fail(err);
   }
-
 
   #finish(): void {
     if (this.#phase === Phase.Done) return;
@@ -441,24 +553,29 @@ export class Connection {
       clearTimeout(this.#timer);
       this.#timer = null;
     }
-    if (!this.#client.destroyed) this.#client.destroy();
+    // The log wants the client's port, which a closed handle no longer knows.
+    const peer = server.accessLog ? peerOf(this.#client) : null;
+    // Closing sends the FIN (or, with unread bytes, a reset); queued writes are dropped: a
+    // connection finishes with writes queued only when it failed or timed out.
+    this.#client.close();
+    this.#sock?.close();
     this.#chunks = NO_CHUNKS;
     if (wasRelaying) server.metrics.activeChanged(this.#backend!.name, -1);
     server.release(this);
     this.flushBytes();
     server.metrics.connectionClosed(this.#route, this.#result);
-    if (server.accessLog) {
+    if (peer !== null) {
       const b = this.#backend;
       server.logger.info({
-        client: this.clientAddress,
-        client_port: this.#client.remotePort,
+        client: this.#countedIp ?? unmapIPv4(peer.address ?? ''),
+        client_port: peer.port,
         sni: this.#sni,
         alpn: this.#alpn,
         route: this.#route,
         backend: b?.name ?? null,
         backend_addr: b === null ? null : b.addrs[Math.min(this.#addrIndex, b.addrs.length - 1)],
-        bytes_up: this.#client.bytesRead,
-        bytes_down: this.#client.bytesWritten,
+        bytes_up: this.#bytesUp,
+        bytes_down: this.#bytesDown,
         duration_ms: Math.round((performance.now() - this.#acceptedAt) * 1000) / 1000,
         result: this.#result,
       }, 'connection');
@@ -467,46 +584,24 @@ export class Connection {
 
   /** Adds bytes relayed since the last flush to bytes_total (at scrape time and at close). */
   flushBytes(): void {
-    if (!this.#relaying) return;
-    const up = this.#client.bytesRead;
-    const down = this.#client.bytesWritten;
-    this.#server.metrics.bytesRelayed(this.#backend!.name, up - this.#flushedUp, down - this.#flushedDown);
-    this.#flushedUp = up;
-    this.#flushedDown = down;
+    if ((this.#flags & RELAYED) === 0) return;
+    this.#server.metrics.bytesRelayed(this.#backend!.name, this.#bytesUp - this.#flushedUp, this.#bytesDown - this.#flushedDown);
+    this.#flushedUp = this.#bytesUp;
+    this.#flushedDown = this.#bytesDown;
   }
 
   /** Closes the connection now (shutdown grace over). */
   abort(result: ConnectionResult): void {
     this.#result = result;
-    this.#client.destroy();
-    this.#sock?.destroy();
-    if (this.#phase === Phase.Hello) this.#finish();
+    this.#finish();
   }
 }
 
-/**
- * A socket's own read buffer (bulk transfers only: idle relays hold none). It is written out in
- * place, so it is busy, not to be read into, until that write is done; then reading resumes
- * unless the receiving side is past its high-water mark (its 'drain' resumes reading instead).
- */
-class OwnBuffer {
-  readonly buf = Buffer.allocUnsafe(READ_SIZE);
-  busy = false;
-  readonly written: () => void;
-
-  /** Makes `from` read into this buffer from its next read on (see kBufferGen). */
-  constructor(from: net.Socket, to: net.Socket) {
-    const buf = this.buf;
-    (from as net.Socket & Record<symbol, unknown>)[kBufferGen] = () => buf;
-    this.written = () => {
-      this.busy = false;
-      if (!to.writableNeedDrain) from.resume();
-    };
-  }
-}
-
-function isReset(err: NodeJS.ErrnoException): boolean {
-  return err.code === 'ECONNRESET' || err.code === 'EPIPE';
+/** The remote end of a handle ({} when it is not connected, or closed). */
+export function peerOf(handle: TcpHandle): SocketAddress {
+  const out: SocketAddress = {};
+  handle.getpeername(out);
+  return out;
 }
 
 export { HIGH_WATER_MARK };

@@ -13,9 +13,10 @@ import type { ListenAddress, ServerSettings } from '../config/types.ts';
 import type { Logger } from '../log.ts';
 import { RateLimitedLog } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import { Connection, HIGH_WATER_MARK } from './connection.ts';
+import { Connection, HIGH_WATER_MARK, peerOf } from './connection.ts';
 import { unmapIPv4 } from './proxyprotocol.ts';
 import type { BackendSpec, Router } from './table.ts';
+import type { TcpHandle } from './uv.ts';
 
 /** Local conditions that say nothing about the backend's health: no cooldown for these. */
 const LOCAL_DIAL_ERRORS = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM', 'EADDRNOTAVAIL']);
@@ -47,7 +48,7 @@ export class RouterServer {
   readonly router: Router;
   readonly metrics: Metrics;
   readonly logger: Logger;
-  settings: ServerSettings;
+  #settings: ServerSettings;
   accessLog: boolean;
   readonly #listeners: net.Server[] = [];
   readonly #conns = new Set<Connection>();
@@ -57,6 +58,9 @@ export class RouterServer {
   readonly #dialLog = new RateLimitedLog(1000);
   readonly #acceptLog = new RateLimitedLog(1000);
   #draining = false;
+  /** The idle_timeout sweep: one timer for every relay, see #sweepIdle. */
+  #sweeper: NodeJS.Timeout | null = null;
+  #idleTicksAllowed = 0;
   /**
    * Told about every cooldown this server sets or clears itself, so that processes serving the
    * same backends (workers) can share them: an address one found dead is skipped by all.
@@ -67,11 +71,22 @@ export class RouterServer {
     this.router = opts.router;
     this.metrics = opts.metrics;
     this.logger = opts.logger;
-    this.settings = opts.settings;
+    this.#settings = opts.settings;
     this.accessLog = opts.accessLog;
     this.metrics.onCollect(() => {
       for (const c of this.#conns) c.flushBytes();
     });
+  }
+
+  get settings(): ServerSettings {
+    return this.#settings;
+  }
+
+  /** New settings apply to new connections; a changed idle_timeout also to open relays. */
+  set settings(next: ServerSettings) {
+    const idleChanged = next.idleTimeoutMs !== this.#settings.idleTimeoutMs;
+    this.#settings = next;
+    if (idleChanged && this.#listeners.length > 0 && !this.#draining) this.#startIdleSweep();
   }
 
   /** Connections accepted and not yet finished, including those still waiting for a ClientHello. */
@@ -116,16 +131,38 @@ export class RouterServer {
       this.#listeners.push(server);
       bound.push(server.address() as AddressInfo);
     }
+    this.#startIdleSweep();
     return bound;
   }
 
   /**
-   * Takes over the listening handle's accept callback (what net.Server's own onconnection does:
-   * wrap the accepted handle in a Socket) so that each client socket is built by
-   * Connection.socketFor and reads with `onread`, which net.Server cannot ask for. Accept errors
-   * still go through net.Server ('error' event). Node is pinned (package.json), so the internals
-   * this touches are known; should they ever change, listening fails loudly rather than serving
-   * with a router that cannot read.
+   * idle_timeout without a timer per relay: a relay counts sweep ticks since its last read either
+   * way and is closed past the limit, so it closes between idle_timeout and idle_timeout plus one
+   * tick (a quarter of the timeout, at most a second) after its last byte.
+   */
+  #startIdleSweep(): void {
+    if (this.#sweeper !== null) clearInterval(this.#sweeper);
+    this.#sweeper = null;
+    const idle = this.#settings.idleTimeoutMs;
+    if (idle <= 0) return;
+    const tick = Math.max(10, Math.min(1000, Math.floor(idle / 4)));
+    this.#idleTicksAllowed = Math.ceil(idle / tick);
+    this.#sweeper = setInterval(() => this.#sweepIdle(), tick);
+    this.#sweeper.unref();
+  }
+
+  #sweepIdle(): void {
+    const limit = this.#idleTicksAllowed;
+    // A relay closed here leaves the set; deleting the current entry is safe while iterating.
+    for (const c of this.#conns) c.idleTick(limit);
+  }
+
+  /**
+   * Takes over the listening handle's accept callback (net.Server's own would wrap the accepted
+   * handle in a net.Socket) so that each accepted libuv handle goes to a Connection as it is: the
+   * relay drives handles directly (uv.ts). Accept errors still go through net.Server ('error'
+   * event). Node is pinned (package.json), so the internals this touches are known; should they
+   * ever change, listening fails loudly rather than serving with a router that cannot read.
    */
   #takeAccepts(server: net.Server, text: string): void {
     type OnConnection = (this: unknown, err: number, clientHandle?: unknown) => void;
@@ -137,13 +174,15 @@ export class RouterServer {
     }
     handle.onconnection = (err: number, clientHandle?: unknown) => {
       if (err !== 0 || clientHandle == null) original.call(handle, err, clientHandle);
-      else this.#accept(Connection.socketFor(clientHandle));
+      else this.#accept(clientHandle as TcpHandle);
     };
   }
 
   /** Stops accepting, lets open connections finish for up to graceMs, then closes the rest. */
   async drain(graceMs: number): Promise<void> {
     this.#draining = true;
+    if (this.#sweeper !== null) clearInterval(this.#sweeper);
+    this.#sweeper = null;
     // close() stops accepting at once; its callback would wait for every open connection, which
     // is what the grace period below bounds, so it is not awaited.
     for (const s of this.#listeners) s.close();
@@ -185,44 +224,44 @@ export class RouterServer {
     if (suppressed >= 0) this.logger.warn({ code, err: err.message, suppressed }, 'accept failed');
   }
 
-  #accept(socket: net.Socket): void {
+  #accept(handle: TcpHandle): void {
     if (this.#draining) {
-      socket.destroy();
+      handle.close();
       return;
     }
-    const s = this.settings;
+    const s = this.#settings;
     if (s.maxConcurrentConns > 0 && this.#conns.size >= s.maxConcurrentConns) {
-      this.#reject(socket, 'global');
+      this.#reject(handle, 'global');
       return;
     }
     // The client's address costs a getpeername() call: only looked up when a limit needs it.
     let ip: string | null = null;
     if (s.maxConnsPerIp > 0) {
-      const remote = socket.remoteAddress;
+      const remote = peerOf(handle).address;
       if (remote === undefined) {
-        socket.destroy();
+        handle.close();
         return;
       }
       ip = unmapIPv4(remote);
       const count = this.#perIp.get(ip) ?? 0;
       if (count >= s.maxConnsPerIp) {
-        this.#reject(socket, 'per_ip');
+        this.#reject(handle, 'per_ip', ip);
         return;
       }
       this.#perIp.set(ip, count + 1);
     }
-    this.#conns.add(new Connection(this, socket, ip));
+    const conn = new Connection(this, handle, ip);
+    if (!conn.finished) this.#conns.add(conn);
   }
 
-  #reject(socket: net.Socket, scope: 'global' | 'per_ip'): void {
-    socket.on('error', noop);
+  #reject(handle: TcpHandle, scope: 'global' | 'per_ip', ip?: string): void {
     this.metrics.connectionLimitRejections.inc({ scope });
     const suppressed = this.#limitLog.allow();
     if (suppressed >= 0) {
-      this.logger.warn({ scope, client: unmapIPv4(socket.remoteAddress ?? ''), active: this.#conns.size, suppressed },
+      this.logger.warn({ scope, client: ip ?? unmapIPv4(peerOf(handle).address ?? ''), active: this.#conns.size, suppressed },
         'connection limit reached');
     }
-    socket.destroy();
+    handle.close();
   }
 
   /** Called by a Connection when it is over. */
@@ -251,8 +290,8 @@ export class RouterServer {
     return from;
   }
 
-  dialFailed(backend: BackendSpec, addr: string, err: NodeJS.ErrnoException): void {
-    const code = err.code ?? err.message;
+  /** `code` is the error's name: ECONNREFUSED, ETIMEDOUT (backend_dial_timeout), ENOTFOUND, … */
+  dialFailed(backend: BackendSpec, addr: string, code: string): void {
     this.metrics.backendDialFailures.inc({ backend: backend.name });
     if (!LOCAL_DIAL_ERRORS.has(code)) {
       const until = Date.now() + this.settings.dialCooldownMs;
@@ -277,8 +316,6 @@ export class RouterServer {
     else this.#cooldown.set(change.addr, { until: change.until, error: change.error ?? 'unknown' });
   }
 }
-
-function noop(): void {}
 
 /** The soft RLIMIT_NOFILE from /proc (Linux); null where it cannot be read. */
 function openFileLimit(): number | null {
