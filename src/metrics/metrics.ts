@@ -3,6 +3,7 @@
 // "fallback", `backend` a configured name, `reason`/`result`/`scope` come from fixed lists; a
 // client's SNI never becomes a label.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { CellCounter, CellGauge, CellHistogram, type CounterCell, type GaugeCell, type HistogramCell } from './cells.ts';
 
 const PREFIX = 'sni_router_';
 
@@ -24,13 +25,14 @@ export type ConnectionResult =
 
 export class Metrics {
   readonly registry: Registry;
-  readonly connections: Counter<'route' | 'result'>;
-  readonly activeConnections: Gauge<'backend'>;
-  readonly bytes: Counter<'backend' | 'direction'>;
-  readonly clientHelloDuration: Histogram;
-  readonly clientHelloBytes: Histogram;
+  // Updated on every connection: cells (./cells.ts), through the methods at the end.
+  readonly connections: CellCounter<'route' | 'result'>;
+  readonly activeConnections: CellGauge<'backend'>;
+  readonly bytes: CellCounter<'backend' | 'direction'>;
+  readonly clientHelloDuration: CellHistogram<string>;
+  readonly clientHelloBytes: CellHistogram<string>;
   readonly clientHelloFailures: Counter<'reason'>;
-  readonly backendDialDuration: Histogram<'backend'>;
+  readonly backendDialDuration: CellHistogram<'backend'>;
   readonly backendDialFailures: Counter<'backend'>;
   readonly connectionLimitRejections: Counter<'scope'>;
   readonly routeTableGeneration: Gauge;
@@ -52,19 +54,19 @@ export class Metrics {
     const registry = new Registry();
     this.registry = registry;
     const r = [registry];
-    this.connections = new Counter({
+    this.connections = new CellCounter({
       name: `${PREFIX}connections_total`,
       help: 'Connections handled, by route (configured pattern or "fallback") and how they ended.',
       labelNames: ['route', 'result'],
       registers: r,
     });
-    this.activeConnections = new Gauge({
+    this.activeConnections = new CellGauge({
       name: `${PREFIX}active_connections`,
       help: 'Connections relaying to a backend now.',
       labelNames: ['backend'],
       registers: r,
     });
-    this.bytes = new Counter({
+    this.bytes = new CellCounter({
       name: `${PREFIX}bytes_total`,
       help: 'Bytes relayed; direction "upstream" is client to backend, "downstream" backend to client.',
       labelNames: ['backend', 'direction'],
@@ -74,13 +76,13 @@ export class Metrics {
         for (const fn of this.#collectHooks) fn();
       },
     });
-    this.clientHelloDuration = new Histogram({
+    this.clientHelloDuration = new CellHistogram({
       name: `${PREFIX}client_hello_duration_seconds`,
       help: 'Time from accept to a complete ClientHello (or a failure to read one).',
       buckets: LATENCY_BUCKETS,
       registers: r,
     });
-    this.clientHelloBytes = new Histogram({
+    this.clientHelloBytes = new CellHistogram({
       name: `${PREFIX}client_hello_bytes`,
       help: 'Size of the ClientHello handshake message.',
       buckets: HELLO_SIZE_BUCKETS,
@@ -92,7 +94,7 @@ export class Metrics {
       labelNames: ['reason'],
       registers: r,
     });
-    this.backendDialDuration = new Histogram({
+    this.backendDialDuration = new CellHistogram({
       name: `${PREFIX}backend_dial_duration_seconds`,
       help: 'Time to connect to a backend, successful dials only.',
       labelNames: ['backend'],
@@ -193,45 +195,54 @@ export class Metrics {
     if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry });
   }
 
-  // The data path updates series through children resolved once per label value: a label lookup
-  // hashes its label set on every call, a cached child does not.
-  readonly #closed = new Map<string, Map<string, { inc(v?: number): void }>>();
-  readonly #active = new Map<string, { inc(v?: number): void; dec(v?: number): void }>();
-  readonly #dial = new Map<string, { observe(v: number): void }>();
-  readonly #up = new Map<string, { inc(v?: number): void }>();
-  readonly #down = new Map<string, { inc(v?: number): void }>();
+  // The data path updates series through cells resolved once per label value (./cells.ts).
+  readonly #closed = new Map<string, Map<string, CounterCell>>();
+  readonly #active = new Map<string, GaugeCell>();
+  readonly #dial = new Map<string, HistogramCell>();
+  readonly #up = new Map<string, CounterCell>();
+  readonly #down = new Map<string, CounterCell>();
+  #helloDuration: HistogramCell | null = null;
+  #helloBytes: HistogramCell | null = null;
 
   connectionClosed(route: string, result: ConnectionResult): void {
     let byResult = this.#closed.get(route);
     if (byResult === undefined) this.#closed.set(route, byResult = new Map());
-    let child = byResult.get(result);
-    if (child === undefined) byResult.set(result, child = this.connections.labels(route, result));
-    child.inc();
+    let cell = byResult.get(result);
+    if (cell === undefined) byResult.set(result, cell = this.connections.cell(route, result));
+    cell.inc();
   }
 
   activeChanged(backend: string, delta: 1 | -1): void {
-    let child = this.#active.get(backend);
-    if (child === undefined) this.#active.set(backend, child = this.activeConnections.labels(backend));
-    if (delta > 0) child.inc();
-    else child.dec();
+    let cell = this.#active.get(backend);
+    if (cell === undefined) this.#active.set(backend, cell = this.activeConnections.cell(backend));
+    if (delta > 0) cell.inc();
+    else cell.dec();
   }
 
   dialTook(backend: string, seconds: number): void {
-    let child = this.#dial.get(backend);
-    if (child === undefined) this.#dial.set(backend, child = this.backendDialDuration.labels(backend));
-    child.observe(seconds);
+    let cell = this.#dial.get(backend);
+    if (cell === undefined) this.#dial.set(backend, cell = this.backendDialDuration.cell(backend));
+    cell.observe(seconds);
+  }
+
+  helloTook(seconds: number): void {
+    (this.#helloDuration ??= this.clientHelloDuration.cell()).observe(seconds);
+  }
+
+  helloSize(bytes: number): void {
+    (this.#helloBytes ??= this.clientHelloBytes.cell()).observe(bytes);
   }
 
   bytesRelayed(backend: string, up: number, down: number): void {
     if (up > 0) {
-      let child = this.#up.get(backend);
-      if (child === undefined) this.#up.set(backend, child = this.bytes.labels(backend, 'upstream'));
-      child.inc(up);
+      let cell = this.#up.get(backend);
+      if (cell === undefined) this.#up.set(backend, cell = this.bytes.cell(backend, 'upstream'));
+      cell.inc(up);
     }
     if (down > 0) {
-      let child = this.#down.get(backend);
-      if (child === undefined) this.#down.set(backend, child = this.bytes.labels(backend, 'downstream'));
-      child.inc(down);
+      let cell = this.#down.get(backend);
+      if (cell === undefined) this.#down.set(backend, cell = this.bytes.cell(backend, 'downstream'));
+      cell.inc(down);
     }
   }
 

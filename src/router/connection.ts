@@ -367,13 +367,13 @@ export class Connection {
     }
     this.#reader = null;
     this.#stopReading(true);
-    m.clientHelloDuration.observe((performance.now() - this.#acceptedAt) / 1000);
+    m.helloTook((performance.now() - this.#acceptedAt) / 1000);
     let backend: BackendSpec | null = null;
     if (verdict.kind === 'hello') {
       const hello = verdict.hello;
       this.#sni = hello.sni;
       this.#alpn = hello.alpn;
-      if (hello.helloBytes > 0) m.clientHelloBytes.observe(hello.helloBytes);
+      if (hello.helloBytes > 0) m.helloSize(hello.helloBytes);
       // TLS-ALPN-01 challenges belong to the certificate manager behind the fallback (Caddy),
       // whatever the name: otherwise names routed to TURN could never get a certificate.
       const acme = hello.alpn !== null && server.settings.acmeTlsAlpn === 'fallback' && hello.alpn.includes('acme-tls/1');
