@@ -467,6 +467,25 @@ routes:
     }
   });
 
+  test('a backend named by host name is resolved at dial time, and a dead one falls over like an address', async () => {
+    const dead = await freePort();
+    const turn = await tlsBackend('turn', turnCert);
+    const r = await startRouter(`
+fallback: { addr: "localhost:${turn.port}" }
+routes:
+  - { match: cdn.example.com, backend: { name: turn, addrs: ["localhost:${dead}", "localhost:${turn.port}"] } }
+`);
+    try {
+      assert.match((await tlsHello(r.port, 'cdn.example.com')).line, /^turn /);
+      assert.equal(await r.metric('sni_router_backend_dial_failures_total', { backend: 'turn' }), 1);
+      assert.match((await tlsHello(r.port, 'other.example.com')).line, /^turn /);
+      await waitFor(async () => (await r.metric('sni_router_connections_total', { route: 'fallback', result: 'ok' })) === 1);
+    } finally {
+      await r.stop();
+      await turn.close();
+    }
+  });
+
   test('a backend that never completes the dial is given up after backend_dial_timeout, and the next address is tried', async () => {
     // A loopback listener that never accepts, its backlog filled: further SYNs are dropped, so a
     // dial hangs until the router's timeout fires.

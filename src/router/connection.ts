@@ -7,7 +7,7 @@
 // handlers are shared functions that find their connection through a symbol on the handle, so a
 // connection allocates no closures. The ClientHello reader and the buffered hello are released as
 // soon as they have been used: an idle relay holds its two handles and this object.
-import { lookup } from 'node:dns';
+import { type LookupAddress, lookup } from 'node:dns';
 import { isIP } from 'node:net';
 import { performance } from 'node:perf_hooks';
 import type { ConnectionResult } from '../metrics/metrics.ts';
@@ -35,6 +35,8 @@ const LOW_WATER_MARK = HIGH_WATER_MARK / 2;
  */
 const READ_SIZE = 64 * 1024;
 const scratch = Buffer.allocUnsafe(READ_SIZE);
+/** A read this large means a bulk transfer (a TURN packet or a page request is far smaller). */
+const BULK_READ = 16 * 1024;
 
 const kConn = Symbol('sni-router.connection');
 type Handle = TcpHandle & { [kConn]?: Connection };
@@ -60,6 +62,23 @@ function newWriteRequest(): PendingWrite {
   return req;
 }
 
+const FAILED = 0; // the connection is finished
+const WRITTEN = 1;
+const QUEUED = 2; // libuv holds the bytes until the write is done
+type SendResult = typeof FAILED | typeof WRITTEN | typeof QUEUED;
+
+/**
+ * A bulk direction's own read buffers: libuv reads into `reading`; a write of it that has to
+ * queue makes it `other` and reading goes on into the former `other`, so a transfer keeps reading
+ * while one write is in flight and stops only while two are.
+ */
+class Bulk {
+  reading: Buffer = Buffer.allocUnsafe(READ_SIZE);
+  other: Buffer | null = null;
+  /** In-place writes of these buffers queued and not yet done: 0, 1 or 2. */
+  writing = 0;
+}
+
 /** What #chunks becomes once the buffered bytes are sent or dropped: one shared empty list. */
 const NO_CHUNKS: Buffer[] = Object.freeze([]) as unknown as Buffer[];
 
@@ -71,7 +90,7 @@ const CLIENT_EOF = 1; // the client sent its FIN (or went away during the hello)
 const BACKEND_EOF = 2;
 const CLIENT_READING = 4;
 const BACKEND_READING = 8;
-const UP_BUSY = 16; // the up direction's own buffer is being written out
+const UP_BUSY = 16; // both of the up direction's own buffers are being written out
 const DOWN_BUSY = 32;
 const UP_FULL = 64; // the backend's write queue passed the high-water mark
 const DOWN_FULL = 128;
@@ -95,15 +114,18 @@ export class Connection {
   /** Which dial attempt is current: a late answer to an abandoned one (DNS, connect) is ignored. */
   #attempt = 0;
   #dialStartedAt = 0;
+  /** A host-name backend's addresses not yet tried in this dial, and the port to dial. */
+  #resolved: LookupAddress[] | null = null;
+  #port = 0;
   #route = FALLBACK_ROUTE;
   #result: ConnectionResult = 'ok';
   #sni: string | null = null;
   #alpn: readonly string[] | null = null;
   /** Queued writes and shutdowns not yet done: the connection closes only once there are none. */
   #pending = 0;
-  /** Up (client → backend) and down: that direction's own read buffer, once it moved a bulk transfer. */
-  #upBuf: Buffer | null = null;
-  #downBuf: Buffer | null = null;
+  /** Up (client → backend) and down: that direction's own read buffers, once it moves a bulk transfer. */
+  #upBulk: Bulk | null = null;
+  #downBulk: Bulk | null = null;
   #bytesUp = 0;
   #bytesDown = 0;
   #flushedUp = 0;
@@ -147,72 +169,81 @@ export class Connection {
 
   // ---- handlers: shared functions, `this` is the handle or the request ----
 
-  /** onread of the client handle: the byte count (or EOF, or an error) is in streamState. */
-  static #onClientRead(this: Handle): void {
+  /**
+   * onread of the client handle: the byte count (or EOF, or an error) is in streamState. A Buffer
+   * returned here is where libuv reads next (a direction switching buffers).
+   */
+  static #onClientRead(this: Handle): Buffer | undefined {
     const c = this[kConn];
-    if (c === undefined) return;
+    if (c === undefined) return undefined;
     const n = streamState[READ_BYTES];
     if (n > 0) {
-      if (c.#phase === Phase.Relaying) Connection.#relay(c, n, true);
-      else if (c.#phase === Phase.Hello) c.#helloRead(n);
+      if (c.#phase === Phase.Relaying) return Connection.#relay(c, n, true);
+      if (c.#phase === Phase.Hello) c.#helloRead(n);
     } else if (n < 0) {
       c.#clientReadEnded(n);
     }
+    return undefined;
   }
 
   /** onread of the backend handle. */
-  static #onBackendRead(this: Handle): void {
+  static #onBackendRead(this: Handle): Buffer | undefined {
     const c = this[kConn];
-    if (c === undefined || c.#phase !== Phase.Relaying) return;
+    if (c === undefined || c.#phase !== Phase.Relaying) return undefined;
     const n = streamState[READ_BYTES];
-    if (n > 0) Connection.#relay(c, n, false);
-    else if (n < 0) c.#backendReadEnded(n);
+    if (n > 0) return Connection.#relay(c, n, false);
+    if (n < 0) c.#backendReadEnded(n);
+    return undefined;
   }
 
   /**
    * Writes what one side just read to the other: out of the scratch buffer as a copy (the next
-   * read of any handle overwrites it), out of a direction's own buffer in place. A read that filled
-   * the scratch buffer gives its direction an own buffer for the reads that follow.
+   * read of any handle overwrites it), out of a direction's own buffers in place. A read that
+   * filled the scratch buffer means a bulk transfer: its direction gets buffers of its own (see
+   * Bulk). Returns the buffer the next read goes into when that changes.
    */
-  static #relay(c: Connection, n: number, up: boolean): void {
+  static #relay(c: Connection, n: number, up: boolean): Buffer | undefined {
     c.#idleTicks = 0;
-    const own = up ? c.#upBuf : c.#downBuf;
-    let data: Buffer;
-    if (own === null) {
-      data = Buffer.allocUnsafe(n);
-      scratch.copy(data, 0, 0, n);
-    } else {
-      data = n === own.length ? own : own.subarray(0, n);
-    }
     if (up) c.#bytesUp += n;
     else c.#bytesDown += n;
-    if (!c.#send(up, data, own !== null)) return;
-    if (own === null && n === READ_SIZE) {
-      const buf = Buffer.allocUnsafe(READ_SIZE);
-      if (up) {
-        c.#upBuf = buf;
-        c.#client.useUserBuffer(buf);
-      } else {
-        c.#downBuf = buf;
-        c.#sock!.useUserBuffer(buf);
-      }
+    const bulk = up ? c.#upBulk : c.#downBulk;
+    if (bulk === null) {
+      const data = Buffer.allocUnsafe(n);
+      scratch.copy(data, 0, 0, n);
+      if (c.#send(up, data, false) === FAILED || n < BULK_READ) return undefined;
+      const next = new Bulk();
+      if (up) c.#upBulk = next;
+      else c.#downBulk = next;
+      return next.reading;
     }
+    const buf = bulk.reading;
+    if (c.#send(up, n === buf.length ? buf : buf.subarray(0, n), true) !== QUEUED) return undefined;
+    // The buffer just read into is being written out: read into the other one meanwhile, or,
+    // with both written out, stop until they are done (the later one is where reading resumes).
+    if (++bulk.writing === 1) {
+      bulk.other ??= Buffer.allocUnsafe(READ_SIZE);
+      bulk.reading = bulk.other;
+      bulk.other = buf;
+      return bulk.reading;
+    }
+    c.#flags |= up ? UP_BUSY : DOWN_BUSY;
+    c.#stopReading(up);
+    return undefined;
   }
 
   /**
    * Writes `data` up (to the backend) or down. A write libuv has to queue holds its bytes until
-   * done: an own buffer is not read into meanwhile, and a queue past the high-water mark stops
-   * reading from the other side. False when the write failed (the connection is finished).
+   * done; past the high-water mark of queued copies, reading from the other side stops.
    */
-  #send(up: boolean, data: Buffer, inPlace: boolean): boolean {
+  #send(up: boolean, data: Buffer, inPlace: boolean): SendResult {
     const to = up ? this.#sock! : this.#client;
     const req = nextWrite;
     const err = to.writeBuffer(req, data);
     if (err !== 0) {
       this.#fail(err);
-      return false;
+      return FAILED;
     }
-    if (streamState[LAST_WRITE_WAS_ASYNC] === 0) return true;
+    if (streamState[LAST_WRITE_WAS_ASYNC] === 0) return WRITTEN;
     nextWrite = newWriteRequest();
     req.oncomplete = Connection.#onWriteDone;
     req.conn = this;
@@ -220,14 +251,11 @@ export class Connection {
     req.inPlace = inPlace;
     req.data = data;
     this.#pending++;
-    if (inPlace) {
-      this.#flags |= up ? UP_BUSY : DOWN_BUSY;
-      this.#stopReading(up);
-    } else if (to.writeQueueSize >= HIGH_WATER_MARK) {
+    if (!inPlace && to.writeQueueSize >= HIGH_WATER_MARK) {
       this.#flags |= up ? UP_FULL : DOWN_FULL;
       this.#stopReading(up);
     }
-    return true;
+    return QUEUED;
   }
 
   static #onWriteDone(this: PendingWrite, status: number): void {
@@ -241,7 +269,7 @@ export class Connection {
       c.#fail(status);
       return;
     }
-    if (this.inPlace) c.#flags &= ~(up ? UP_BUSY : DOWN_BUSY);
+    if (this.inPlace && --(up ? c.#upBulk! : c.#downBulk!).writing === 0) c.#flags &= ~(up ? UP_BUSY : DOWN_BUSY);
     if ((up ? c.#sock! : c.#client).writeQueueSize <= LOW_WATER_MARK) c.#flags &= ~(up ? UP_FULL : DOWN_FULL);
     c.#resumeReading(up);
     c.#closeIfDone();
@@ -451,15 +479,21 @@ export class Connection {
       this.#connect(host, family, port);
       return;
     }
-    // A host name (a compose service, say): resolved for each dial, as net.connect would.
-    lookup(host, (err, address, resolvedFamily) => {
+    // A host name (a compose service, say): resolved for each dial, and each of its addresses
+    // tried in turn (localhost may be ::1 and 127.0.0.1), as net.connect would.
+    lookup(host, { all: true }, (err, resolved) => {
       if (this.#phase !== Phase.Dialing || this.#attempt !== attempt) return;
-      if (err !== null) this.#dialFailed(err.code ?? 'ENOTFOUND');
-      else this.#connect(address, resolvedFamily, port);
+      if (err !== null || resolved.length === 0) {
+        this.#dialFailed(err?.code ?? 'ENOTFOUND');
+        return;
+      }
+      this.#resolved = resolved;
+      this.#connect(resolved[0].address, resolved[0].family, port);
     });
   }
 
   #connect(address: string, family: number, port: number): void {
+    this.#port = port;
     const sock = new TCP(TCP_SOCKET) as Handle;
     sock[kConn] = this;
     this.#sock = sock;
@@ -475,8 +509,20 @@ export class Connection {
     this.conn = null;
     // An abandoned attempt (timed out, or the connection finished meanwhile) has been closed.
     if (c.#sock !== sock || c.#phase !== Phase.Dialing) return;
-    if (status < 0) c.#dialFailed(errorName(status));
-    else c.#startRelay();
+    if (status >= 0) {
+      c.#resolved = null;
+      c.#startRelay();
+      return;
+    }
+    const resolved = c.#resolved;
+    if (resolved !== null && resolved.length > 1) {
+      // The next address of the same host name, within the same dial (and its timeout).
+      resolved.shift();
+      sock.close();
+      c.#connect(resolved[0].address, resolved[0].family, c.#port);
+      return;
+    }
+    c.#dialFailed(errorName(status));
   }
 
   static #onDialTimeout(c: Connection): void {
@@ -494,6 +540,7 @@ export class Connection {
       this.#sock.close();
       this.#sock = null;
     }
+    this.#resolved = null;
     const backend = this.#backend!;
     this.#server.dialFailed(backend, backend.addrs[this.#addrIndex], code);
     this.#addrIndex++;
@@ -528,7 +575,7 @@ export class Connection {
         srcAddr: src.address ?? '', srcPort: src.port ?? 0, dstAddr: dst.address ?? '', dstPort: dst.port ?? 0,
       }));
     }
-    if (parts.length > 0 && !this.#send(true, parts.length === 1 ? parts[0] : Buffer.concat(parts), false)) return;
+    if (parts.length > 0 && this.#send(true, parts.length === 1 ? parts[0] : Buffer.concat(parts), false) === FAILED) return;
 
     this.#flags |= BACKEND_READING;
     let err = sock.readStart();

@@ -12,8 +12,11 @@ import { getSystemErrorName } from 'node:util';
 
 /** What `onread` finds in streamBaseState: bytes read, or a negative libuv error (UV_EOF at end). */
 export interface TcpHandle {
-  /** Called with `this` = the handle after each read; the byte count is in streamState[readBytes]. */
-  onread: ((this: TcpHandle, arrayBuffer: ArrayBuffer | undefined) => void) | null;
+  /**
+   * Called with `this` = the handle after each read; the byte count is in streamState[READ_BYTES].
+   * A Buffer it returns is where the next read lands (with a user buffer, see useUserBuffer).
+   */
+  onread: ((this: TcpHandle, arrayBuffer: ArrayBuffer | undefined) => Uint8Array | undefined) | null;
   readStart(): number;
   readStop(): number;
   /** Reads land in this buffer from now on (no allocation per read). */
