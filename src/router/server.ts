@@ -16,7 +16,7 @@ import type { Metrics } from '../metrics/metrics.ts';
 import { Connection, HIGH_WATER_MARK, peerOf } from './connection.ts';
 import { unmapIPv4 } from './proxyprotocol.ts';
 import type { BackendSpec, Router } from './table.ts';
-import type { TcpHandle } from './uv.ts';
+import { NODELAY_INHERITED, type TcpHandle } from './uv.ts';
 
 /** Local conditions that say nothing about the backend's health: no cooldown for these. */
 const LOCAL_DIAL_ERRORS = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM', 'EADDRNOTAVAIL']);
@@ -166,11 +166,17 @@ export class RouterServer {
    */
   #takeAccepts(server: net.Server, text: string): void {
     type OnConnection = (this: unknown, err: number, clientHandle?: unknown) => void;
-    const handle = (server as unknown as { _handle?: { onconnection?: OnConnection } | null })._handle;
+    const handle = (server as unknown as { _handle?: { onconnection?: OnConnection; setNoDelay?(on: boolean): number } | null })._handle;
     const original = handle?.onconnection;
     if (handle == null || typeof original !== 'function') {
       server.close();
       throw new Error(`cannot listen on ${text}: this Node.js (${process.version}) has no net.Server accept callback to take over; run the pinned Node 24 (npm ci)`);
+    }
+    // Linux copies TCP_NODELAY from the listening socket to each accepted one: one setsockopt
+    // here instead of one per connection. Elsewhere each Connection sets it.
+    if (NODELAY_INHERITED && handle.setNoDelay?.(true) !== 0) {
+      server.close();
+      throw new Error(`cannot listen on ${text}: cannot set TCP_NODELAY on the listening socket`);
     }
     handle.onconnection = (err: number, clientHandle?: unknown) => {
       if (err !== 0 || clientHandle == null) original.call(handle, err, clientHandle);

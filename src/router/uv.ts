@@ -100,6 +100,9 @@ export const LAST_WRITE_WAS_ASYNC = streamWrap.kLastWriteWasAsync;
 export const UV_EOF = uv.UV_EOF;
 export const UV_ECANCELED = uv.UV_ECANCELED;
 
+/** Linux copies TCP_NODELAY from a listening socket to the sockets it accepts. */
+export const NODELAY_INHERITED = process.platform === 'linux';
+
 /** "ECONNRESET" for a libuv error number. */
 export function errorName(code: number): string {
   try {
