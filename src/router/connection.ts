@@ -574,7 +574,6 @@ export class Connection {
     this.#phase = Phase.Relaying;
     this.#flags |= RELAYED;
     server.metrics.activeChanged(backend.name, 1);
-    sock.setNoDelay(true);
     sock.onread = Connection.#onBackendRead;
     sock.useUserBuffer(scratch);
 
@@ -592,6 +591,8 @@ export class Connection {
     }
     if (parts.length > 0 && this.#send(true, parts.length === 1 ? parts[0] : Buffer.concat(parts), false) === FAILED) return;
 
+    // After the hello: a first write goes out at once with Nagle or without.
+    sock.setNoDelay(true);
     this.#flags |= BACKEND_READING;
     let err = sock.readStart();
     if (err === 0) {
