@@ -283,6 +283,57 @@ routes:
       await new Promise((resolve) => backend.close(resolve));
     }
   });
+
+  test('both ways at once: bulk each way with readers that stall now and then, every byte in order, then half-closes', async () => {
+    const size = 8 * 1024 * 1024;
+    const pattern = (seed: number) => {
+      const b = Buffer.alloc(size);
+      for (let i = 0; i < size; i += 4) b.writeUInt32BE((i / 4 + seed) >>> 0, i);
+      return b;
+    };
+    const up = pattern(0);
+    const down = pattern(0x55555555);
+    const hello = buildHello({ sni: 'duplex.example.com' });
+    // Reads everything until the peer's FIN, stalling every 7th chunk for a few ms.
+    const drain = (s: net.Socket) => new Promise<Buffer>((resolve, reject) => {
+      const parts: Buffer[] = [];
+      s.on('data', (d) => {
+        parts.push(d);
+        if (parts.length % 7 === 0) {
+          s.pause();
+          setTimeout(() => s.resume(), 5);
+        }
+      });
+      s.on('end', () => resolve(Buffer.concat(parts)));
+      s.on('error', reject);
+    });
+    let atBackend: Promise<Buffer> | null = null;
+    const backend = net.createServer({ allowHalfOpen: true }, (s) => {
+      atBackend = drain(s);
+      s.end(down); // the backend's FIN follows its last byte, while the client is still sending
+    });
+    await new Promise<void>((resolve) => backend.listen(0, '127.0.0.1', resolve));
+    const r = await startRouter(`fallback: { addr: "127.0.0.1:${(backend.address() as net.AddressInfo).port}" }\n`);
+    try {
+      const atClient = await new Promise<Buffer>((resolve, reject) => {
+        const s = net.connect({ host: '127.0.0.1', port: r.port, allowHalfOpen: true }, () => {
+          s.write(hello);
+          s.end(up);
+        });
+        drain(s).then(resolve, reject);
+      });
+      await waitFor(() => atBackend !== null);
+      const got = await atBackend!;
+      assert.equal(got.length, hello.length + size);
+      assert.ok(got.subarray(hello.length).equals(up), 'upstream bytes differ');
+      assert.equal(atClient.length, size);
+      assert.ok(atClient.equals(down), 'downstream bytes differ');
+      await waitFor(async () => (await r.metric('sni_router_connections_total', { route: 'fallback', result: 'ok' })) === 1);
+    } finally {
+      await r.stop();
+      await new Promise((resolve) => backend.close(resolve));
+    }
+  });
 });
 
 describe('PROXY protocol', () => {
