@@ -2,6 +2,9 @@
 // stealth rule, PROXY headers, half-close, limits, failover, and live table replacement.
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { parseConfig } from '../src/config/load.ts';
@@ -718,6 +721,32 @@ routes:
     } finally {
       await r.stop();
       await rec.close();
+    }
+  });
+
+  test('an idle_timeout set by a reload applies to relays already open', async () => {
+    const rec = await recordingBackend();
+    const dir = mkdtempSync(join(tmpdir(), 'sni-router-idle-'));
+    const file = join(dir, 'config.yaml');
+    const yaml = (idle: string) => `listen: "127.0.0.1:0"\nadmin: { listen: "127.0.0.1:0" }\nidle_timeout: ${idle}\nfallback: { addr: "127.0.0.1:${rec.port}" }\n`;
+    writeFileSync(file, yaml('0'));
+    const r = await startRouter(yaml('0'), { file });
+    try {
+      const closed = rawExchange(r.port, [Buffer.from('GET / HTTP/1.0\r\n\r\n')], { end: false, timeoutMs: 8000 });
+      await waitFor(async () => (await r.metric('sni_router_active_connections')) === 1);
+      await new Promise((resolve) => setTimeout(resolve, 400));
+      assert.equal(await r.metric('sni_router_active_connections'), 1, 'no idle_timeout yet: the relay stays open');
+      writeFileSync(file, yaml('300ms'));
+      assert.equal(await r.app.reload(), true);
+      const t0 = Date.now();
+      await closed;
+      const took = Date.now() - t0;
+      assert.ok(took < 3000, `closed ${took} ms after the reload`);
+      await waitFor(async () => (await r.metric('sni_router_connections_total', { result: 'idle_timeout' })) === 1);
+    } finally {
+      await r.stop();
+      await rec.close();
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 });
