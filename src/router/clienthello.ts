@@ -39,6 +39,8 @@ const MAX_RECORD_FRAGMENT = 16384;
 /** An SSLv2-compatible hello carries no extensions, so no SNI: route it as such. */
 const SSLV2_HELLO: ClientHello = Object.freeze({ sni: null, alpn: null, helloBytes: 0 });
 
+const EMPTY = Buffer.alloc(0);
+
 function failure(reason: HelloFailureReason, detail: string): HelloVerdict {
   return { kind: 'failure', reason, detail };
 }
@@ -53,12 +55,12 @@ function failure(reason: HelloFailureReason, detail: string): HelloVerdict {
 export class ClientHelloReader {
   readonly #maxHelloBytes: number;
   /** Bytes received so far that belong to an incomplete record header or fragment. */
-  #pending: Buffer = Buffer.alloc(0);
+  #pending: Buffer = EMPTY;
   /** Bytes of the record currently being read that are still to come (0 = expecting a header). */
   #recordRemaining = 0;
   /** The handshake message assembled so far, sized once its length is known. */
   #handshake: Buffer | null = null;
-  #header = Buffer.alloc(HANDSHAKE_HEADER);
+  #header: Buffer | null = null;
   #handshakeFill = 0;
   #handshakeTotal = -1;
   #firstByte = true;
@@ -68,8 +70,20 @@ export class ClientHelloReader {
   }
 
   push(chunk: Buffer): HelloVerdict | null {
+    // The common case: the first chunk holds a whole record that holds the whole ClientHello.
+    // It is parsed where it lies, with no reassembly copy; anything else takes the general path.
+    if (this.#firstByte && this.#pending.length === 0 && chunk.length >= RECORD_HEADER + HANDSHAKE_HEADER &&
+      chunk[0] === CONTENT_TYPE_HANDSHAKE && chunk[1] === 3 && chunk[RECORD_HEADER] === HANDSHAKE_CLIENT_HELLO) {
+      const recordLen = chunk.readUInt16BE(3);
+      const total = HANDSHAKE_HEADER + chunk.readUIntBE(RECORD_HEADER + 1, 3);
+      if (recordLen <= MAX_RECORD_FRAGMENT && total <= recordLen && RECORD_HEADER + recordLen <= chunk.length &&
+        total <= this.#maxHelloBytes) {
+        this.#firstByte = false;
+        return parseClientHelloBody(chunk.subarray(RECORD_HEADER + HANDSHAKE_HEADER, RECORD_HEADER + total), total);
+      }
+    }
     let data = this.#pending.length === 0 ? chunk : Buffer.concat([this.#pending, chunk]);
-    this.#pending = Buffer.alloc(0);
+    this.#pending = EMPTY;
     if (this.#firstByte && data.length > 0) {
       const early = classifyFirstBytes(data);
       if (early === 'need') {
@@ -114,19 +128,20 @@ export class ClientHelloReader {
     let i = off;
     const end = off + len;
     while (this.#handshakeTotal < 0 && i < end) {
-      this.#header[this.#handshakeFill++] = data[i++];
+      const header = (this.#header ??= Buffer.alloc(HANDSHAKE_HEADER));
+      header[this.#handshakeFill++] = data[i++];
       if (this.#handshakeFill === HANDSHAKE_HEADER) {
-        if (this.#header[0] !== HANDSHAKE_CLIENT_HELLO) {
-          return failure('malformed', `first handshake message has type ${this.#header[0]}, not ClientHello`);
+        if (header[0] !== HANDSHAKE_CLIENT_HELLO) {
+          return failure('malformed', `first handshake message has type ${header[0]}, not ClientHello`);
         }
-        const bodyLen = this.#header.readUIntBE(1, 3);
+        const bodyLen = header.readUIntBE(1, 3);
         const total = HANDSHAKE_HEADER + bodyLen;
         if (total > this.#maxHelloBytes) {
           return failure('too_large', `ClientHello of ${total} bytes exceeds max_client_hello_bytes ${this.#maxHelloBytes}`);
         }
         this.#handshakeTotal = total;
         this.#handshake = Buffer.allocUnsafe(total);
-        this.#header.copy(this.#handshake, 0);
+        header.copy(this.#handshake, 0);
       }
     }
     if (this.#handshake === null) return null;
