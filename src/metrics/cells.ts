@@ -13,11 +13,37 @@ import {
   type MetricObjectWithValues, type MetricValueWithName,
 } from 'prom-client';
 
-function labelsOf<T extends string>(names: readonly T[], values: readonly string[]): LabelValues<T> {
-  if (values.length !== names.length) throw new Error(`expected ${names.length} label values (${names.join(', ')}), got ${values.length}`);
-  const labels: Partial<Record<T, string>> = {};
-  for (let i = 0; i < names.length; i++) labels[names[i]] = values[i];
-  return labels as LabelValues<T>;
+/** One metric's cells by label values: each made once, with its labels, on first use. */
+class CellMap<C> {
+  readonly #cells = new Map<string, C>();
+  readonly #names: readonly string[];
+  readonly #make: (labels: LabelValues<string>) => C;
+
+  constructor(names: readonly string[] | undefined, make: (labels: LabelValues<string>) => C) {
+    this.#names = names ?? [];
+    this.#make = make;
+  }
+
+  get(values: readonly string[]): C {
+    const key = values.join('\u0000');
+    let c = this.#cells.get(key);
+    if (c === undefined) {
+      const names = this.#names;
+      if (values.length !== names.length) throw new Error(`expected ${names.length} label values (${names.join(', ')}), got ${values.length}`);
+      const labels: Record<string, string> = {};
+      for (let i = 0; i < names.length; i++) labels[names[i]] = values[i];
+      this.#cells.set(key, c = this.#make(labels));
+    }
+    return c;
+  }
+
+  values(): MapIterator<C> {
+    return this.#cells.values();
+  }
+
+  clear(): void {
+    this.#cells.clear();
+  }
 }
 
 export class CounterCell {
@@ -34,8 +60,7 @@ export class CounterCell {
 
 /** A prom-client Counter whose hot series are cells (see cell()). */
 export class CellCounter<T extends string> extends Counter<T> {
-  readonly #cells = new Map<string, CounterCell>();
-  readonly #names: readonly T[];
+  readonly #cells: CellMap<CounterCell>;
 
   constructor(config: CounterConfiguration<T>) {
     const own = config.collect;
@@ -48,15 +73,12 @@ export class CellCounter<T extends string> extends Counter<T> {
         return v instanceof Promise ? v.then(fold) : fold();
       },
     });
-    this.#names = config.labelNames ?? [];
+    this.#cells = new CellMap(config.labelNames, (labels) => new CounterCell(labels));
   }
 
   /** The cell for these label values (in labelNames order); resolve it once, then add to it. */
   cell(...values: string[]): CounterCell {
-    const key = values.join('\u0000');
-    let c = this.#cells.get(key);
-    if (c === undefined) this.#cells.set(key, c = new CounterCell(labelsOf(this.#names, values)));
-    return c;
+    return this.#cells.get(values);
   }
 
   #fold(): void {
@@ -84,8 +106,7 @@ export class GaugeCell {
 
 /** A prom-client Gauge whose hot series are cells. */
 export class CellGauge<T extends string> extends Gauge<T> {
-  readonly #cells = new Map<string, GaugeCell>();
-  readonly #names: readonly T[];
+  readonly #cells: CellMap<GaugeCell>;
 
   constructor(config: GaugeConfiguration<T>) {
     super({
@@ -94,14 +115,11 @@ export class CellGauge<T extends string> extends Gauge<T> {
         for (const c of (this as CellGauge<T>).#cells.values()) this.set(c.labels as LabelValues<T>, c.value);
       },
     });
-    this.#names = config.labelNames ?? [];
+    this.#cells = new CellMap(config.labelNames, (labels) => new GaugeCell(labels));
   }
 
   cell(...values: string[]): GaugeCell {
-    const key = values.join('\u0000');
-    let c = this.#cells.get(key);
-    if (c === undefined) this.#cells.set(key, c = new GaugeCell(labelsOf(this.#names, values)));
-    return c;
+    return this.#cells.get(values);
   }
 }
 
@@ -132,24 +150,25 @@ export class HistogramCell {
  * API is not used for it). Without labels its one series exists from the start, as prom-client's.
  */
 export class CellHistogram<T extends string> extends Histogram<T> {
-  readonly #cells = new Map<string, HistogramCell>();
-  readonly #names: readonly T[];
+  readonly #cells: CellMap<HistogramCell>;
   readonly #bounds: Float64Array;
   readonly #config: HistogramConfiguration<T>;
 
   constructor(config: HistogramConfiguration<T> & { buckets: number[] }) {
     super(config);
     this.#config = config;
-    this.#names = config.labelNames ?? [];
-    this.#bounds = Float64Array.from([...config.buckets].sort((a, b) => a - b));
-    if (this.#names.length === 0) this.cell();
+    const bounds = Float64Array.from([...config.buckets].sort((a, b) => a - b));
+    this.#bounds = bounds;
+    this.#cells = new CellMap(config.labelNames, (labels) => new HistogramCell(labels, bounds));
+    if (this.#unlabeled) this.cell();
+  }
+
+  get #unlabeled(): boolean {
+    return (this.#config.labelNames ?? []).length === 0;
   }
 
   cell(...values: string[]): HistogramCell {
-    const key = values.join('\u0000');
-    let c = this.#cells.get(key);
-    if (c === undefined) this.#cells.set(key, c = new HistogramCell(labelsOf(this.#names, values), this.#bounds));
-    return c;
+    return this.#cells.get(values);
   }
 
   override reset(): void {
@@ -157,7 +176,7 @@ export class CellHistogram<T extends string> extends Histogram<T> {
     // prom-client's constructor resets too, before this class's fields exist.
     if (!(#cells in this)) return;
     this.#cells.clear();
-    if (this.#names.length === 0) this.cell();
+    if (this.#unlabeled) this.cell();
   }
 
   /** prom-client's Histogram.get() reads this (and merges sharedLabels into labels). */
