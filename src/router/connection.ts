@@ -29,9 +29,8 @@ const LOW_WATER_MARK = HIGH_WATER_MARK / 2;
  * Reads land in one scratch buffer shared by every handle (libuv reads one handle at a time, and
  * the callback writes or copies the bytes before returning), so an idle relay holds no read buffer
  * at all. What is read there is copied into a write of its own size: a write the kernel cannot
- * take at once keeps pointing at its bytes. A read that fills the scratch buffer means a bulk
- * transfer: that direction then gets a buffer of its own, written out in place without a copy,
- * and read into again only once that write is done.
+ * take at once keeps pointing at its bytes. A large read (BULK_READ) means a bulk transfer: that
+ * direction then reads into buffers of its own, written out in place without a copy (see Bulk).
  */
 const READ_SIZE = 64 * 1024;
 const scratch = Buffer.allocUnsafe(READ_SIZE);
@@ -666,5 +665,3 @@ export function peerOf(handle: TcpHandle): SocketAddress {
   handle.getpeername(out);
   return out;
 }
-
-export { HIGH_WATER_MARK };

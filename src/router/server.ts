@@ -13,7 +13,7 @@ import type { ListenAddress, ServerSettings } from '../config/types.ts';
 import type { Logger } from '../log.ts';
 import { RateLimitedLog } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import { Connection, HIGH_WATER_MARK, peerOf } from './connection.ts';
+import { Connection, peerOf } from './connection.ts';
 import { unmapIPv4 } from './proxyprotocol.ts';
 import type { BackendSpec, Router } from './table.ts';
 import { NODELAY_INHERITED, type TcpHandle } from './uv.ts';
@@ -111,7 +111,8 @@ export class RouterServer {
     this.#checkDescriptorLimit();
     const bound: AddressInfo[] = [];
     for (const addr of addrs) {
-      const server = net.createServer({ allowHalfOpen: true, noDelay: true, highWaterMark: HIGH_WATER_MARK });
+      // Only for listening: accepted handles never become net.Sockets (see #takeAccepts).
+      const server = net.createServer();
       // An explicit "[::]" beside an IPv4 wildcard on the same port must not also claim IPv4.
       const ipv6Only = addr.host !== undefined && net.isIPv6(addr.host) &&
         addrs.some((o) => o !== addr && o.port === addr.port && o.host !== undefined && net.isIPv4(o.host));
