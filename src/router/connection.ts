@@ -17,7 +17,7 @@ import type { BackendSpec } from './table.ts';
 import type { RouterServer } from './server.ts';
 import {
   ConnectWrap, LAST_WRITE_WAS_ASYNC, READ_BYTES, ShutdownWrap, type SocketAddress, streamState, TCP, TCP_SOCKET,
-  type TcpHandle, NODELAY_INHERITED, UV_EOF, WriteWrap, type WriteRequest, type ShutdownRequest, type ConnectRequest, errorName,
+  type TcpHandle, NODELAY_INHERITED, UV_EOF, WriteWrap, type WriteRequest, type ConnectRequest, errorName,
 } from './uv.ts';
 
 const FALLBACK_ROUTE = 'fallback';
@@ -44,7 +44,6 @@ type Handle = TcpHandle & { [kConn]?: Connection };
 
 /** A write libuv could not finish at once: what it belongs to, and its bytes, kept alive until done. */
 type PendingWrite = WriteRequest & { conn: Connection | null; up: boolean; inPlace: boolean; data: Buffer | null };
-type PendingShutdown = ShutdownRequest & { conn: Connection | null };
 type PendingConnect = ConnectRequest & { conn: Connection | null };
 
 /**
@@ -122,7 +121,7 @@ export class Connection {
   #result: ConnectionResult = 'ok';
   #sni: string | null = null;
   #alpn: readonly string[] | null = null;
-  /** Queued writes and shutdowns not yet done: the connection closes only once there are none. */
+  /** Queued writes not yet done: the connection closes only once there are none. */
   #pending = 0;
   /** Up (client → backend) and down: that direction's own read buffers, once it moves a bulk transfer. */
   #upBulk: Bulk | null = null;
@@ -348,30 +347,19 @@ export class Connection {
   /**
    * Half-close: a FIN from one side becomes a FIN to the other (a shutdown, which libuv sends
    * after every queued write), and the other direction keeps flowing. Once both sides have sent
-   * theirs, the connection closes when nothing is left to write.
+   * theirs, the connection closes when nothing is left to write. The shutdown has no completion
+   * callback (Node calls none for a request without `oncomplete`): nothing waits for it, since
+   * closing a handle with its writes done sends the FIN too, and a peer that reset shows in reads.
    */
   #forwardEnd(up: boolean): void {
     if ((this.#flags & (up ? BACKEND_EOF : CLIENT_EOF)) === 0) {
-      const req = new ShutdownWrap() as PendingShutdown;
-      req.conn = this;
-      req.oncomplete = Connection.#onShutdownDone;
-      const err = (up ? this.#sock! : this.#client).shutdown(req);
+      const err = (up ? this.#sock! : this.#client).shutdown(new ShutdownWrap());
       if (err !== 0) {
         this.#fail(err);
         return;
       }
-      this.#pending++;
     }
     this.#closeIfDone();
-  }
-
-  static #onShutdownDone(this: PendingShutdown): void {
-    const c = this.conn!;
-    this.conn = null;
-    if (c.#phase === Phase.Done) return;
-    c.#pending--;
-    // A shutdown that failed (the peer reset) needs nothing more: that side's read reports it.
-    c.#closeIfDone();
   }
 
   #closeIfDone(): void {

@@ -45,7 +45,8 @@ export interface WriteRequest {
   oncomplete: ((this: never, status: number) => void) | null;
 }
 export interface ShutdownRequest {
-  oncomplete: ((this: never, status: number) => void) | null;
+  /** Optional: without it, Node calls nothing when the shutdown is done. */
+  oncomplete?: ((this: never, status: number) => void) | null;
 }
 export interface ConnectRequest {
   oncomplete: ((this: never, status: number, handle: TcpHandle) => void) | null;
