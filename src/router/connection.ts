@@ -17,7 +17,7 @@ import type { BackendSpec } from './table.ts';
 import type { RouterServer } from './server.ts';
 import {
   ConnectWrap, LAST_WRITE_WAS_ASYNC, READ_BYTES, ShutdownWrap, type SocketAddress, streamState, TCP, TCP_SOCKET,
-  type TcpHandle, NODELAY_INHERITED, UV_EOF, WriteWrap, type WriteRequest, type ConnectRequest, errorName,
+  type TcpHandle, NODELAY_INHERITED, peerOf, UV_EOF, WriteWrap, type WriteRequest, type ConnectRequest, errorName,
 } from './uv.ts';
 
 const FALLBACK_ROUTE = 'fallback';
@@ -645,11 +645,4 @@ export class Connection {
     this.#result = result;
     this.#finish();
   }
-}
-
-/** The remote end of a handle ({} when it is not connected, or closed). */
-export function peerOf(handle: TcpHandle): SocketAddress {
-  const out: SocketAddress = {};
-  handle.getpeername(out);
-  return out;
 }

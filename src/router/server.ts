@@ -13,10 +13,10 @@ import type { ListenAddress, ServerSettings } from '../config/types.ts';
 import type { Logger } from '../log.ts';
 import { RateLimitedLog } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import { Connection, peerOf } from './connection.ts';
+import { Connection } from './connection.ts';
 import { unmapIPv4 } from './proxyprotocol.ts';
 import type { BackendSpec, Router } from './table.ts';
-import { NODELAY_INHERITED, type TcpHandle } from './uv.ts';
+import { NODELAY_INHERITED, peerOf, type TcpHandle } from './uv.ts';
 
 /** Local conditions that say nothing about the backend's health: no cooldown for these. */
 const LOCAL_DIAL_ERRORS = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM', 'EADDRNOTAVAIL']);

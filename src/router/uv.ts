@@ -10,7 +10,7 @@
 // rather than serve with a relay that cannot read or write.
 import { getSystemErrorName } from 'node:util';
 
-/** What `onread` finds in streamBaseState: bytes read, or a negative libuv error (UV_EOF at end). */
+/** A libuv TCP handle (tcp_wrap's TCP): the methods net.Socket itself calls. */
 export interface TcpHandle {
   /**
    * Called with `this` = the handle after each read; the byte count is in streamState[READ_BYTES].
@@ -66,7 +66,6 @@ interface StreamWrapBinding {
 }
 interface UvBinding {
   UV_EOF: number;
-  UV_ECANCELED: number;
 }
 
 function need(ok: boolean, what: string): void {
@@ -83,7 +82,7 @@ need(typeof tcpWrap.TCP === 'function' && typeof tcpWrap.TCPConnectWrap === 'fun
 need(typeof streamWrap.WriteWrap === 'function' && typeof streamWrap.ShutdownWrap === 'function' &&
   streamWrap.streamBaseState instanceof Int32Array && typeof streamWrap.kReadBytesOrError === 'number' &&
   typeof streamWrap.kLastWriteWasAsync === 'number', 'stream_wrap.WriteWrap');
-need(typeof uv.UV_EOF === 'number' && typeof uv.UV_ECANCELED === 'number', 'uv.UV_EOF');
+need(typeof uv.UV_EOF === 'number', 'uv.UV_EOF');
 for (const method of ['readStart', 'readStop', 'useUserBuffer', 'writeBuffer', 'shutdown', 'close', 'setNoDelay', 'getpeername',
   'getsockname', 'connect', 'connect6'] as const) {
   need(typeof (tcpWrap.TCP.prototype as unknown as Record<string, unknown>)[method] === 'function', `TCP.prototype.${method}`);
@@ -94,12 +93,14 @@ export const TCP_SOCKET = tcpWrap.constants.SOCKET;
 export const ConnectWrap = tcpWrap.TCPConnectWrap;
 export const WriteWrap = streamWrap.WriteWrap;
 export const ShutdownWrap = streamWrap.ShutdownWrap;
-/** Written by libuv's callbacks and by each write; read right after, before anything else runs. */
+/**
+ * Written by libuv's callbacks and by each write, read right after, before anything else runs:
+ * after a read, streamState[READ_BYTES] is the byte count or a negative libuv error (UV_EOF at end).
+ */
 export const streamState = streamWrap.streamBaseState;
 export const READ_BYTES = streamWrap.kReadBytesOrError;
 export const LAST_WRITE_WAS_ASYNC = streamWrap.kLastWriteWasAsync;
 export const UV_EOF = uv.UV_EOF;
-export const UV_ECANCELED = uv.UV_ECANCELED;
 
 /** Linux copies TCP_NODELAY from a listening socket to the sockets it accepts. */
 export const NODELAY_INHERITED = process.platform === 'linux';
@@ -111,4 +112,11 @@ export function errorName(code: number): string {
   } catch {
     return `E${-code}`;
   }
+}
+
+/** The remote end of a handle ({} when it is not connected, or closed). */
+export function peerOf(handle: TcpHandle): SocketAddress {
+  const out: SocketAddress = {};
+  handle.getpeername(out);
+  return out;
 }
