@@ -337,6 +337,59 @@ routes:
       await new Promise((resolve) => backend.close(resolve));
     }
   });
+
+  test('a bulk connection quiet for a while gives its buffers back and moves bulk again, beside another taking them', async () => {
+    const size = 4 * 1024 * 1024;
+    const pattern = (seed: number) => {
+      const b = Buffer.alloc(size);
+      for (let i = 0; i < size; i += 4) b.writeUInt32BE((i / 4 + seed) >>> 0, i);
+      return b;
+    };
+    // The backend echoes: both directions of each connection move bulk data.
+    const backend = net.createServer((s) => s.pipe(s));
+    await new Promise<void>((resolve) => backend.listen(0, '127.0.0.1', resolve));
+    const r = await startRouter(`fallback: { addr: "127.0.0.1:${(backend.address() as net.AddressInfo).port}" }\n`);
+    const hello = buildHello({ sni: 'quiet.example.com' });
+    const open = () => new Promise<net.Socket>((resolve, reject) => {
+      const s = net.connect({ host: '127.0.0.1', port: r.port }, () => resolve(s));
+      s.once('error', reject);
+    });
+    // Sends `data` and resolves with exactly as many bytes back.
+    const exchange = (s: net.Socket, data: Buffer) => new Promise<Buffer>((resolve, reject) => {
+      const parts: Buffer[] = [];
+      let got = 0;
+      const onData = (d: Buffer) => {
+        parts.push(d);
+        if ((got += d.length) >= data.length) {
+          s.off('data', onData);
+          resolve(Buffer.concat(parts));
+        }
+      };
+      s.on('data', onData);
+      s.once('error', reject);
+      s.write(data);
+    });
+    try {
+      const a = await open();
+      const first = pattern(1);
+      const echoed = await exchange(a, Buffer.concat([hello, first]));
+      assert.ok(echoed.subarray(hello.length).equals(first), 'first transfer differs');
+      // Quiet for more than two sweep ticks (1 s each without idle_timeout): the bulk buffers
+      // go back to the spare list, and the next bulk connection takes them.
+      await sleep(2500);
+      const b = await open();
+      const second = pattern(2);
+      const third = pattern(3);
+      const [fromA, fromB] = await Promise.all([exchange(a, second), exchange(b, Buffer.concat([hello, third]))]);
+      assert.ok(fromA.equals(second), 'the quiet connection\'s second transfer differs');
+      assert.ok(fromB.subarray(hello.length).equals(third), 'the new connection\'s transfer differs');
+      a.destroy();
+      b.destroy();
+    } finally {
+      await r.stop();
+      await new Promise((resolve) => backend.close(resolve));
+    }
+  });
 });
 
 describe('PROXY protocol', () => {

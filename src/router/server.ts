@@ -58,7 +58,7 @@ export class RouterServer {
   readonly #dialLog = new RateLimitedLog(1000);
   readonly #acceptLog = new RateLimitedLog(1000);
   #draining = false;
-  /** The idle_timeout sweep: one timer for every relay, see #sweepIdle. */
+  /** One timer for every relay: idle_timeout and bulk buffers, see #startSweep. */
   #sweeper: NodeJS.Timeout | null = null;
   #idleTicksAllowed = 0;
   /**
@@ -86,7 +86,7 @@ export class RouterServer {
   set settings(next: ServerSettings) {
     const idleChanged = next.idleTimeoutMs !== this.#settings.idleTimeoutMs;
     this.#settings = next;
-    if (idleChanged && this.#listeners.length > 0 && !this.#draining) this.#startIdleSweep();
+    if (idleChanged && this.#listeners.length > 0 && !this.#draining) this.#startSweep();
   }
 
   /** Connections accepted and not yet finished, including those still waiting for a ClientHello. */
@@ -132,30 +132,30 @@ export class RouterServer {
       this.#listeners.push(server);
       bound.push(server.address() as AddressInfo);
     }
-    this.#startIdleSweep();
+    this.#startSweep();
     return bound;
   }
 
   /**
-   * idle_timeout without a timer per relay: a relay counts sweep ticks since its last read either
-   * way and is closed past the limit, so it closes between idle_timeout and idle_timeout plus one
-   * tick (a quarter of the timeout, at most a second) after its last byte.
+   * One sweep timer for every relay. It closes idle relays without a timer each: a relay counts
+   * sweep ticks since its last read either way and is closed past the limit, so it closes between
+   * idle_timeout and idle_timeout plus one tick (a quarter of the timeout, at most a second) after
+   * its last byte. It also takes back the bulk buffers of relays quiet for a tick (Connection.tick),
+   * so it runs without an idle_timeout too.
    */
-  #startIdleSweep(): void {
+  #startSweep(): void {
     if (this.#sweeper !== null) clearInterval(this.#sweeper);
-    this.#sweeper = null;
     const idle = this.#settings.idleTimeoutMs;
-    if (idle <= 0) return;
-    const tick = Math.max(10, Math.min(1000, Math.floor(idle / 4)));
-    this.#idleTicksAllowed = Math.ceil(idle / tick);
-    this.#sweeper = setInterval(() => this.#sweepIdle(), tick);
+    const tick = idle > 0 ? Math.max(10, Math.min(1000, Math.floor(idle / 4))) : 1000;
+    this.#idleTicksAllowed = idle > 0 ? Math.ceil(idle / tick) : 0;
+    this.#sweeper = setInterval(() => this.#sweep(), tick);
     this.#sweeper.unref();
   }
 
-  #sweepIdle(): void {
+  #sweep(): void {
     const limit = this.#idleTicksAllowed;
     // A relay closed here leaves the set; deleting the current entry is safe while iterating.
-    for (const c of this.#conns) c.idleTick(limit);
+    for (const c of this.#conns) c.tick(limit);
   }
 
   /**
