@@ -548,15 +548,26 @@ export class Connection {
     });
   }
 
+  /**
+   * Dials one address. The backend is read from the moment its socket exists: libuv then registers
+   * it with epoll once for both the connect (POLLOUT) and reads (POLLIN). Started after the connect,
+   * reading costs a second registration, which libuv first tries as an add that fails (the socket
+   * is still in the epoll set) and then repeats as a change: one io_uring round trip more per
+   * connection. Nothing is read before the relay starts: libuv reports a socket's connect before
+   * any read, and the connect callback starts the relay.
+   */
   #connect(address: string, family: number, port: number): void {
     this.#port = port;
     const sock = new TCP(TCP_SOCKET) as Handle;
     sock[kConn] = this;
+    sock.onread = Connection.#onBackendRead;
+    sock.useUserBuffer(scratch);
     this.#sock = sock;
     const req = new ConnectWrap() as PendingConnect;
     req.conn = this;
     req.oncomplete = Connection.#onConnect;
-    const err = family === 6 ? sock.connect6(req, address, port) : sock.connect(req, address, port);
+    let err = family === 6 ? sock.connect6(req, address, port) : sock.connect(req, address, port);
+    if (err === 0) err = sock.readStart();
     if (err !== 0) this.#dialFailed(errorName(err));
   }
 
@@ -615,8 +626,6 @@ export class Connection {
     this.#phase = Phase.Relaying;
     this.#flags |= RELAYED;
     server.metrics.activeChanged(backend.name, 1);
-    sock.onread = Connection.#onBackendRead;
-    sock.useUserBuffer(scratch);
 
     // First what the backend waits for (time to first byte): the PROXY header and every byte
     // read so far, in one write. The bookkeeping follows.
@@ -634,14 +643,13 @@ export class Connection {
 
     // After the hello: a first write goes out at once with Nagle or without.
     sock.setNoDelay(true);
+    // The backend has been read since its dial (#connect).
     this.#flags |= BACKEND_READING;
-    let err = sock.readStart();
-    if (err === 0) {
-      if ((this.#flags & CLIENT_EOF) !== 0) this.#forwardEnd(true);
-      else if ((this.#flags & CLIENT_READING) === 0) {
-        this.#flags |= CLIENT_READING;
-        err = this.#client.readStart();
-      }
+    let err = 0;
+    if ((this.#flags & CLIENT_EOF) !== 0) this.#forwardEnd(true);
+    else if ((this.#flags & CLIENT_READING) === 0) {
+      this.#flags |= CLIENT_READING;
+      err = this.#client.readStart();
     }
     server.dialSucceeded(backend.addrs[this.#addrIndex]);
     server.metrics.dialTook(backend.name, (connectedAt - this.#dialStartedAt) / 1000);
