@@ -98,12 +98,14 @@ class Bulk {
   writing = 0;
 
   /**
-   * Gives back the buffers no write holds, once nothing reads into `reading` any more: with one
-   * write queued it holds `other`, with two both (the later one is `reading`).
+   * Gives both buffers back for reuse, once nothing reads into `reading` any more. A write still
+   * queued points into one of them (which one depends on the order they complete in): then both
+   * are left to the garbage collector.
    */
   release(): void {
-    if (this.writing === 0) spareBuffer(this.other);
-    if (this.writing < 2) spareBuffer(this.reading);
+    if (this.writing !== 0) return;
+    spareBuffer(this.reading);
+    spareBuffer(this.other);
   }
 }
 
@@ -409,11 +411,11 @@ export class Connection {
   }
 
   /**
-   * One tick of the server's sweep. A relay with no read either way for `idleLimit` ticks (0: no
-   * limit) is closed. One quiet for a whole tick gives its bulk buffers back, so that a kept-alive
-   * connection that once moved a download holds none while it waits.
+   * One tick of the server's sweep. A relay with no read either way for more than `idleLimit`
+   * ticks (0: no limit) is closed. One quiet for `bulkLimit` ticks gives its bulk buffers back, so
+   * that a kept-alive connection that once moved a download holds none while it waits.
    */
-  tick(idleLimit: number): void {
+  tick(idleLimit: number, bulkLimit: number): void {
     if (this.#phase !== Phase.Relaying) return;
     const quiet = ++this.#idleTicks;
     if (idleLimit > 0 && quiet > idleLimit) {
@@ -421,7 +423,7 @@ export class Connection {
       this.#finish();
       return;
     }
-    if (quiet >= 2) {
+    if (quiet > bulkLimit) {
       if (this.#upBulk !== null) this.#dropBulk(true);
       if (this.#downBulk !== null) this.#dropBulk(false);
     }
@@ -430,7 +432,7 @@ export class Connection {
   /**
    * The side feeding direction `up` reads into the scratch buffer again and its bulk buffers are
    * given back, unless a write still holds one. useUserBuffer adds a small listener to the handle
-   * each time (freed with it): once per quiet spell, never per read.
+   * each time (freed with it): once per quiet second at most, never per read.
    */
   #dropBulk(up: boolean): void {
     const bulk = up ? this.#upBulk! : this.#downBulk!;

@@ -61,6 +61,8 @@ export class RouterServer {
   /** One timer for every relay: idle_timeout and bulk buffers, see #startSweep. */
   #sweeper: NodeJS.Timeout | null = null;
   #idleTicksAllowed = 0;
+  /** Sweep ticks a relay must be quiet for before it gives its bulk buffers back (a second). */
+  #bulkTicksAllowed = 1;
   /**
    * Told about every cooldown this server sets or clears itself, so that processes serving the
    * same backends (workers) can share them: an address one found dead is skipped by all.
@@ -140,22 +142,24 @@ export class RouterServer {
    * One sweep timer for every relay. It closes idle relays without a timer each: a relay counts
    * sweep ticks since its last read either way and is closed past the limit, so it closes between
    * idle_timeout and idle_timeout plus one tick (a quarter of the timeout, at most a second) after
-   * its last byte. It also takes back the bulk buffers of relays quiet for a tick (Connection.tick),
-   * so it runs without an idle_timeout too.
+   * its last byte. It also takes back the bulk buffers of relays quiet for at least a second
+   * (Connection.tick), so it runs without an idle_timeout too.
    */
   #startSweep(): void {
     if (this.#sweeper !== null) clearInterval(this.#sweeper);
     const idle = this.#settings.idleTimeoutMs;
     const tick = idle > 0 ? Math.max(10, Math.min(1000, Math.floor(idle / 4))) : 1000;
     this.#idleTicksAllowed = idle > 0 ? Math.ceil(idle / tick) : 0;
+    this.#bulkTicksAllowed = Math.ceil(1000 / tick);
     this.#sweeper = setInterval(() => this.#sweep(), tick);
     this.#sweeper.unref();
   }
 
   #sweep(): void {
-    const limit = this.#idleTicksAllowed;
+    const idle = this.#idleTicksAllowed;
+    const bulk = this.#bulkTicksAllowed;
     // A relay closed here leaves the set; deleting the current entry is safe while iterating.
-    for (const c of this.#conns) c.tick(limit);
+    for (const c of this.#conns) c.tick(idle, bulk);
   }
 
   /**
