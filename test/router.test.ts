@@ -28,6 +28,13 @@ before(() => {
 });
 after(() => cleanupDir());
 
+/** `size` bytes of big-endian 32-bit counters from `seed`: a misplaced or repeated chunk shows. */
+function counterPattern(size: number, seed: number): Buffer {
+  const b = Buffer.alloc(size);
+  for (let i = 0; i < size; i += 4) b.writeUInt32BE((i / 4 + seed) >>> 0, i);
+  return b;
+}
+
 function opensslClient(port: number, servername: string | null, alpn?: string): Promise<string> {
   return new Promise((resolve, reject) => {
     const args = ['s_client', '-connect', `127.0.0.1:${port}`, '-ign_eof'];
@@ -289,11 +296,7 @@ routes:
 
   test('both ways at once: bulk each way with readers that stall now and then, every byte in order, then half-closes', async () => {
     const size = 8 * 1024 * 1024;
-    const pattern = (seed: number) => {
-      const b = Buffer.alloc(size);
-      for (let i = 0; i < size; i += 4) b.writeUInt32BE((i / 4 + seed) >>> 0, i);
-      return b;
-    };
+    const pattern = (seed: number) => counterPattern(size, seed);
     const up = pattern(0);
     const down = pattern(0x55555555);
     const hello = buildHello({ sni: 'duplex.example.com' });
@@ -340,11 +343,7 @@ routes:
 
   test('a bulk connection quiet for a while gives its buffers back and moves bulk again, beside another taking them', async () => {
     const size = 4 * 1024 * 1024;
-    const pattern = (seed: number) => {
-      const b = Buffer.alloc(size);
-      for (let i = 0; i < size; i += 4) b.writeUInt32BE((i / 4 + seed) >>> 0, i);
-      return b;
-    };
+    const pattern = (seed: number) => counterPattern(size, seed);
     // The backend echoes: both directions of each connection move bulk data.
     const backend = net.createServer((s) => s.pipe(s));
     await new Promise<void>((resolve) => backend.listen(0, '127.0.0.1', resolve));
