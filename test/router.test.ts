@@ -776,6 +776,46 @@ routes:
     }
   });
 
+  test('idle_timeout closes every idle relay among many, none of those that keep talking, and those once they stop or hang up', async () => {
+    const rec = await recordingBackend();
+    const r = await startRouter(`idle_timeout: 400ms\nfallback: { addr: "127.0.0.1:${rec.port}" }\n`);
+    const sockets: net.Socket[] = [];
+    const closed = new Set<number>();
+    let ticker: NodeJS.Timeout | undefined;
+    try {
+      // 30 relays; every third keeps sending, so the sweep closes relays on both sides of live ones.
+      for (let i = 0; i < 30; i++) {
+        const s = net.connect({ host: '127.0.0.1', port: r.port });
+        s.on('error', () => {});
+        s.on('close', () => closed.add(i));
+        s.write(`GET /${i} HTTP/1.0\r\n`);
+        sockets.push(s);
+      }
+      await rec.waitConns(30);
+      const talking = (i: number) => i % 3 === 0;
+      ticker = setInterval(() => {
+        for (let i = 0; i < 30; i++) if (talking(i) && !closed.has(i)) sockets[i].write('x');
+      }, 100);
+      await waitFor(() => closed.size >= 20, 5000, '20 idle relays closed');
+      await sleep(600); // more than a sweep past the idle ones: a live relay closed by mistake shows
+      for (let i = 0; i < 30; i++) assert.equal(closed.has(i), !talking(i), `relay ${i} ${closed.has(i) ? 'closed' : 'open'}`);
+      assert.equal(await r.metric('sni_router_connections_total', { result: 'idle_timeout' }), 20);
+      assert.equal(await r.activeConnections(), 10);
+      // Then half the talkers hang up (in an order unlike the router's) and the others fall
+      // silent: each is still swept, and the router's list of open connections ends empty.
+      clearInterval(ticker);
+      for (let i = 0; i < 30; i += 6) sockets[i].destroy();
+      await waitFor(() => closed.size === 30, 5000, 'every relay closed');
+      await waitFor(async () => (await r.metric('sni_router_connections_total', { result: 'idle_timeout' })) === 25);
+      await waitFor(async () => (await r.activeConnections()) === 0, 5000, 'no open connection left');
+    } finally {
+      clearInterval(ticker);
+      for (const s of sockets) s.destroy();
+      await r.stop();
+      await rec.close();
+    }
+  });
+
   test('an idle_timeout set by a reload applies to relays already open', async () => {
     const rec = await recordingBackend();
     const dir = mkdtempSync(join(tmpdir(), 'sni-router-idle-'));

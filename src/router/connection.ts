@@ -164,6 +164,8 @@ export class Connection {
   #dialBuffered = 0;
   /** Sweep ticks since the last read either way (RouterServer's sweeper). */
   #idleTicks = 0;
+  /** Where RouterServer keeps this connection in its list of open ones; -1 when not there. */
+  slot = -1;
 
   /** Takes an accepted connection's libuv handle and starts reading the ClientHello. */
   constructor(server: RouterServer, client: TcpHandle, countedIp: string | null) {
