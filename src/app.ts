@@ -168,7 +168,7 @@ export class App {
         source: r.source,
         backend: backendView(r.backend),
       })),
-      conflicts: table.conflicts.map((c) => ({
+      conflicts: this.composer.conflicts().map((c) => ({
         match: c.loser.match, alpn: alpnKey(c.loser.alpn) || null, winner: c.winner.source, loser: c.loser.source,
       })),
       sources: this.composer.statuses().map((s) => ({

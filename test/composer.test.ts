@@ -7,7 +7,14 @@ import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import tls from 'node:tls';
 import type { Redis } from 'ioredis';
-import { type Listening, type RunningRouter, makeCert, sleep, startRouter, tempDir, tlsBackend, waitFor } from './helpers.ts';
+import { Metrics } from '../src/metrics/metrics.ts';
+import { routeList } from '../src/config/routes.ts';
+import { RouteTable, Router } from '../src/router/table.ts';
+import { Composer } from '../src/sources/composer.ts';
+import type { RouteSource, SourceSink } from '../src/sources/source.ts';
+import {
+  type Listening, type RunningRouter, makeCert, memoryLogger, metricValue, sleep, startRouter, tempDir, tlsBackend, waitFor,
+} from './helpers.ts';
 import {
   type TestDatabase, backendFor, createTestDatabase, randomSuffix, redisClient, redisSettled, timeUntilRouted,
 } from './support/sources.ts';
@@ -116,6 +123,63 @@ async function pgSet(db: TestDatabase, ports: Record<string, number>, match: str
     [match, `127.0.0.1:${ports[backend]}`, backend],
   );
 }
+
+/** A source whose snapshots the test hands over, as a real source does when it reads. */
+class HandFedSource implements RouteSource {
+  readonly type = 'redis' as const;
+  readonly name: string;
+  #sink: SourceSink | null = null;
+  constructor(name: string) {
+    this.name = name;
+  }
+  async start(sink: SourceSink): Promise<void> {
+    this.#sink = sink;
+  }
+  resync(): void {}
+  async stop(): Promise<void> {}
+  feed(routes: ReadonlyArray<readonly [string, string]>): void {
+    const specs = routeList(routes.map(([match, name]) => ({ match, backend: { name, addr: '127.0.0.1:9' } })), [this.name], this.name);
+    this.#sink?.snapshot({ routes: specs, invalid: [] });
+  }
+}
+
+test('a conflict that changes no lookup is still shown and counted: the table is not replaced, the conflicts are current', async () => {
+  const fallback = { name: 'caddy', addrs: ['127.0.0.1:9'], proxyProtocol: null };
+  const router = new Router(new RouteTable([], fallback));
+  const metrics = new Metrics({ defaultMetrics: false });
+  const { logger } = memoryLogger('debug');
+  const composer = new Composer({ router, metrics, logger, coalesceMs: 1 });
+  const early = new HandFedSource('early');
+  const late = new HandFedSource('late');
+  composer.setConfig(routeList([{ match: 'same.test', backend: { name: 'config-wins', addr: '127.0.0.1:9' } }], ['routes'], 'config'), fallback);
+  await composer.setSources([early, late]);
+  const losers = () => composer.conflicts().map((c) => c.loser.source).sort();
+  const settle = () => sleep(30);
+
+  early.feed([['same.test', 'early-loses']]);
+  await settle();
+  assert.deepEqual(losers(), ['early']);
+  const generation = router.generation;
+
+  // The late source's route loses too: no lookup changes, so no replace, but one more conflict.
+  late.feed([['same.test', 'late-loses'], ['other.test', 'late-wins']]);
+  await settle();
+  assert.ok(router.generation > generation, 'other.test is new: replaced');
+  const afterOther = router.generation;
+  late.feed([['same.test', 'late-loses-elsewhere'], ['other.test', 'late-wins']]);
+  await settle();
+  assert.equal(router.generation, afterOther, 'a loser changing its backend changes no lookup');
+  assert.deepEqual(losers(), ['early', 'late']);
+  assert.equal(metricValue(await metrics.registry.metrics(), 'sni_router_route_conflicts_total', { source: 'late' }), 1,
+    'the same match losing to the same winner is one standing conflict');
+
+  // The early source withdraws its loser: the table again stays, the conflict goes.
+  early.feed([]);
+  await settle();
+  assert.equal(router.generation, afterOther);
+  assert.deepEqual(losers(), ['late']);
+  await composer.stop();
+});
 
 test('config routes come first, then sources in order; the loser of a conflict is logged and counted', async (t) => {
   const rg = await rig(t);

@@ -4,7 +4,7 @@
 import type { Logger } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import {
-  type BackendSpec, type RouteSpec, RouteTable, type Router, alpnKey, diffTables, routeKey, sameBackend,
+  type BackendSpec, type RouteConflict, type RouteSpec, RouteTable, type Router, alpnKey, diffTables, routeKey, sameBackend,
 } from '../router/table.ts';
 import type { RouteSource, Snapshot, SourceSink, SourceStatus } from './source.ts';
 
@@ -37,6 +37,11 @@ export class Composer {
   #stopped = false;
   /** Conflicts already reported, so a standing conflict is logged and counted once. */
   #knownConflicts = new Set<string>();
+  /**
+   * The conflicts of the last merge. Not the live table's: a change that only adds or removes a
+   * loser changes no lookup, so the table is not replaced, yet the conflict is real.
+   */
+  #conflicts: readonly RouteConflict[] = [];
   /** True until the routes and generation gauges describe the live table and its sources. */
   #gaugesStale = true;
 
@@ -85,6 +90,11 @@ export class Composer {
 
   resyncAll(): void {
     for (const t of this.#sources) t.source.resync();
+  }
+
+  /** The standing conflicts: what the last merge of config and sources left out, and why. */
+  conflicts(): readonly RouteConflict[] {
+    return this.#conflicts;
   }
 
   statuses(): SourceStatus[] {
@@ -202,6 +212,7 @@ export class Composer {
       }, 'route conflict: the earlier source wins');
     }
     this.#knownConflicts = now;
+    this.#conflicts = table.conflicts;
   }
 }
 
