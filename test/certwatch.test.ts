@@ -525,6 +525,64 @@ certwatch:
     }
   });
 
+  test('a pair copied while its action failed is acted on at the next start, though copy_to already holds it', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-unacted-');
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    const pair = ca.renewal(30 * DAY);
+    storage.renew(LE, pair);
+    const copyDir = join(dir, 'turn-certs');
+    const broken = recorder(dir, 'broken', { failFirst: 1000 });
+    const reload = recorder(dir, 'reload');
+    const yaml = (program: string) => `
+fallback: { name: caddy, addr: "127.0.0.1:1" }
+certwatch:
+  - name: cdn
+    domain: ${DOMAIN}
+    caddy_storage: ${storage.root}
+    copy_to: { dir: ${copyDir}, mode: "0640" }
+    on_change:
+      exec: ["${program}", "{cert}", "{key}"]
+`;
+    const once = async (program: string, until: () => boolean, what: string) => {
+      const router = await startRouter(yaml(program));
+      try {
+        await waitFor(until, 15_000, what);
+        await sleep(300);
+      } finally {
+        await router.stop();
+      }
+      return router;
+    };
+    try {
+      // The TURN server cannot be told: the pair is copied, the action fails, the router stops.
+      await once(broken.path, () => broken.calls().length >= 1, 'a failed action');
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), pair.fingerprint);
+      assert.equal(reload.calls().length, 0);
+      const check = await inspectCertwatch(entry({
+        caddyStorage: storage.root, copyTo: { dir: copyDir, mode: 0o640 }, onChange: { kind: 'exec', argv: [reload.path] },
+      }));
+      assert.ok(check.some((f) => f.message.includes('on_change never succeeded for it')), JSON.stringify(check));
+
+      // Nothing was renewed meanwhile, yet the next start acts on the pair.
+      const second = await once(reload.path, () => reload.calls().length === 1, 'the action at start');
+      assert.ok(second.logs.some((l) => l.msg === 'certwatch started' && l.acted === false), 'the start log says it was never acted on');
+      assert.ok(second.logs.some((l) => l.msg === 'certificate deployed' && l.fingerprint === pair.fingerprint));
+
+      // Acted on once: the start after that leaves it alone.
+      const third = await once(reload.path, () => true, 'a start');
+      assert.equal(reload.calls().length, 1);
+      assert.ok(third.logs.some((l) => l.msg === 'the deployed certificate is the newest'));
+
+      // A copy_to without any record (a version that kept none, or placed by hand) is taken as acted on.
+      rmSync(join(copyDir, '.cdn.acted'));
+      await once(reload.path, () => true, 'a start');
+      assert.equal(reload.calls().length, 1);
+    } finally {
+      cleanup();
+    }
+  });
+
   test('a renewal into another issuer directory (Let\'s Encrypt → ZeroSSL) is found; an older pair elsewhere is not used', async () => {
     const { dir, cleanup } = tempDir('sni-router-certwatch-issuer-');
     const ca = new TestCa(dir);

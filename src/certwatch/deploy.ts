@@ -3,12 +3,20 @@
 // flushed, and renamed over the old one, so a reader sees the old file or the new one, never a
 // part. The key goes first, as Caddy does it: a reader that notices the new certificate finds its
 // key already there.
+//
+// Beside them, `.<name>.acted` names the pair on_change last succeeded for, or the one on its way
+// ("pending …", written before the copy). copy_to alone cannot say it: a pair is copied before
+// the action runs, so a router stopped while the action was failing would otherwise find the pair
+// in place at its next start, take it as deployed, and never tell the TURN server, which would
+// serve the old certificate until it expired.
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, rename, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { CertwatchConfig } from '../config/types.ts';
 import type { Candidate } from './find.ts';
 import { readPair } from './find.ts';
+import type { Leaf } from './pair.ts';
+import type { Deployed } from './select.ts';
 
 export interface DeployedPaths {
   readonly cert: string;
@@ -24,6 +32,42 @@ export async function readCopyTo(config: CertwatchConfig, now = new Date()): Pro
   if (config.copyTo === null) return null;
   const p = copyToPaths(config.copyTo, config.name);
   return readPair(p.cert, p.cert, p.key, config.domain, false, now);
+}
+
+/** The record of the last pair on_change succeeded for. */
+function actedPath(copyTo: NonNullable<CertwatchConfig['copyTo']>, name: string): string {
+  return join(copyTo.dir, `.${name}.acted`);
+}
+
+/** What names one deployment: the leaf and the chain sent with it. */
+export function pairId(leaf: Leaf): string {
+  return `${leaf.fingerprint}/${leaf.chainHash}`;
+}
+
+/**
+ * What the TURN server holds, as far as copy_to tells (null: nothing there, or no copy_to). The
+ * pair is acted on when the record names it. A record written before the copy ("pending …") or
+ * naming another pair means the action never succeeded for what copy_to holds. Without any record
+ * (copy_to written by hand, or by a version that kept none) it is taken as acted on: acting at
+ * every start could restart the TURN server for nothing.
+ */
+export async function readDeployed(config: CertwatchConfig, now = new Date()): Promise<Deployed | null> {
+  const held = await readCopyTo(config, now);
+  if (held === null || held.verdict.leaf === null) return null;
+  const record = await readFile(actedPath(config.copyTo!, config.name), 'utf8').then((t) => t.trim(), () => null);
+  return { leaf: held.verdict.leaf, fit: held.verdict.ok, acted: record === null || record === pairId(held.verdict.leaf) };
+}
+
+/**
+ * Records a deployment's progress: `pending` before copy_to is written, then, once on_change
+ * succeeded, the pair itself. Returns a warning worth logging, like writeFileAtomic.
+ */
+export async function recordDeployment(
+  copyTo: NonNullable<CertwatchConfig['copyTo']>, name: string, leaf: Leaf, state: 'pending' | 'acted',
+): Promise<string | null> {
+  await mkdir(copyTo.dir, { recursive: true, mode: 0o755 });
+  const text = state === 'pending' ? `pending ${pairId(leaf)}` : pairId(leaf);
+  return writeFileAtomic(actedPath(copyTo, name), Buffer.from(`${text}\n`), copyTo.mode);
 }
 
 /**

@@ -7,7 +7,7 @@ import { access, stat } from 'node:fs/promises';
 import { delimiter, dirname, join } from 'node:path';
 import type { CertwatchConfig } from '../config/types.ts';
 import { systemctlPath } from './action.ts';
-import { readCopyTo } from './deploy.ts';
+import { readDeployed } from './deploy.ts';
 import { certificatesDir, findCandidates } from './find.ts';
 import { selectPair } from './select.ts';
 
@@ -37,8 +37,7 @@ export async function inspectCertwatch(config: CertwatchConfig, env: NodeJS.Proc
   if (!(await exists(source))) warn(`${source} does not exist (yet): the watcher waits for it`);
   const now = new Date();
   const candidates = await findCandidates(config, now);
-  const held = await readCopyTo(config, now);
-  const deployed = held !== null && held.verdict.leaf !== null ? { leaf: held.verdict.leaf, fit: held.verdict.ok } : null;
+  const deployed = await readDeployed(config, now);
   const choice = selectPair(candidates, deployed, {
     settledBad: new Set(), final: true, onlyLater: config.caddyStorage !== null, now,
   });
@@ -57,7 +56,9 @@ export async function inspectCertwatch(config: CertwatchConfig, env: NodeJS.Proc
     default: {
       const leaf = choice.best.verdict.leaf;
       const what = `${choice.best.where}: ${leaf.fingerprint}, valid until ${leaf.notAfter.toISOString()}`;
-      if (choice.kind === 'newer') info(`would deploy ${what}${config.copyTo === null ? '' : ' (copy_to differs)'}`);
+      if (choice.kind === 'newer' && deployed?.acted === false && deployed.leaf.fingerprint === leaf.fingerprint) {
+        info(`would act on ${what}: copy_to holds it, but on_change never succeeded for it`);
+      } else if (choice.kind === 'newer') info(`would deploy ${what}${config.copyTo === null ? '' : ' (copy_to differs)'}`);
       else if (choice.kind === 'current') info(`copy_to already holds ${what}`);
       else info(`copy_to holds a certificate issued later than ${what}`);
     }

@@ -18,6 +18,8 @@ export interface Deployed {
    * only a fit pair that is still valid sets the floor for what may replace it.
    */
   readonly fit: boolean;
+  /** on_change succeeded for it. A pair copied while the action failed is deployed again. */
+  readonly acted: boolean;
 }
 
 export type Choice =
@@ -69,8 +71,9 @@ export function selectPair(candidates: readonly Candidate[], deployed: Deployed 
   const leaf = best.verdict.leaf;
   if (deployed === null || !deployed.fit) return { kind: 'newer', best, rejected: unordered };
   if (deployed.leaf.fingerprint === leaf.fingerprint) {
-    // The same leaf with another chain (an intermediate that was missing) is worth deploying.
-    return { kind: deployed.leaf.chainHash === leaf.chainHash ? 'current' : 'newer', best, rejected: unordered };
+    // The same leaf with another chain (an intermediate that was missing) is worth deploying, and
+    // so is the same pair again when its action never succeeded.
+    return { kind: deployed.leaf.chainHash === leaf.chainHash && deployed.acted ? 'current' : 'newer', best, rejected: unordered };
   }
   const stillValid = opts.now >= deployed.leaf.notBefore && opts.now <= deployed.leaf.notAfter;
   if (opts.onlyLater && stillValid && leaf.notBefore <= deployed.leaf.notBefore) {

@@ -17,7 +17,7 @@ import type { CertwatchConfig } from '../config/types.ts';
 import type { Logger } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import { runAction } from './action.ts';
-import { copyToPaths, readCopyTo, writeCopyTo } from './deploy.ts';
+import { copyToPaths, pairId, readDeployed, recordDeployment, writeCopyTo } from './deploy.ts';
 import { type Candidate, certificatesDir, findCandidates, storageKeysFor } from './find.ts';
 import { INVALID_REASONS } from './pair.ts';
 import type { GoodPair } from './pair.ts';
@@ -116,11 +116,8 @@ export class CertWatcher {
   /** Reads what copy_to holds, starts watching, and begins the first scan (not awaited). */
   async start(): Promise<void> {
     const c = this.#config;
-    const held = await readCopyTo(c);
-    if (held !== null && held.verdict.leaf !== null) {
-      this.#deployed = { leaf: held.verdict.leaf, fit: held.verdict.ok };
-      this.#metrics.certNotAfter.set({ cert: c.name }, held.verdict.leaf.notAfter.getTime() / 1000);
-    }
+    this.#deployed = await readDeployed(c);
+    if (this.#deployed !== null) this.#metrics.certNotAfter.set({ cert: c.name }, this.#deployed.leaf.notAfter.getTime() / 1000);
     await this.#watch();
     this.#periodic = setInterval(() => this.#kick('periodic'), this.#t.rescanIntervalMs);
     this.#log.info({
@@ -129,6 +126,7 @@ export class CertWatcher {
       copy_to: c.copyTo === null ? null : copyToPaths(c.copyTo, c.name),
       on_change: c.onChange?.kind ?? null,
       deployed: this.#deployed === null ? null : this.#deployed.leaf.fingerprint,
+      ...(this.#deployed?.acted === false ? { acted: false } : {}),
     }, this.#deployed === null && c.copyTo === null
       ? 'certwatch started; without copy_to the deployed certificate is unknown, so the first good pair is acted on'
       : 'certwatch started');
@@ -386,7 +384,7 @@ export class CertWatcher {
   async #deploy(best: Candidate & { readonly verdict: GoodPair }): Promise<void> {
     const c = this.#config;
     const pair = best.verdict;
-    const key = `${pair.leaf.fingerprint}/${pair.leaf.chainHash}`;
+    const key = pairId(pair.leaf);
     if (key !== this.#failedKey) {
       this.#failures = 0;
       this.#failedKey = null;
@@ -406,10 +404,13 @@ export class CertWatcher {
     const started = Date.now();
     try {
       if (c.copyTo !== null) {
+        // First the record that this pair is on its way: stopped before the action succeeds, the
+        // next start acts on it again (readDeployed).
+        await recordDeployment(c.copyTo, c.name, pair.leaf, 'pending');
         for (const w of await writeCopyTo(c.copyTo, c.name, pair)) this.#log.warn(w);
       }
       const done = c.onChange === null ? null : await runAction(c.onChange, paths, { env: this.#env, timeoutMs: this.#t.actionTimeoutMs });
-      this.#deployed = { leaf: pair.leaf, fit: true };
+      this.#deployed = { leaf: pair.leaf, fit: true, acted: true };
       this.#lastDeployAt = Date.now();
       this.#failures = 0;
       this.#failedKey = null;
@@ -426,6 +427,13 @@ export class CertWatcher {
         action: done?.what ?? null,
         ms: Date.now() - started,
       }, 'certificate deployed');
+      // Last, once counted and logged: the TURN server already has the pair. Not a failed
+      // deployment if this cannot be written; the next start acts on the pair once more.
+      if (c.copyTo !== null) {
+        const w = await recordDeployment(c.copyTo, c.name, pair.leaf, 'acted')
+          .catch((err: Error) => `could not record the deployment: ${err.message}`);
+        if (w !== null) this.#log.warn(w);
+      }
     } catch (err) {
       this.#failures++;
       this.#failedKey = key;
