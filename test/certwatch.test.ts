@@ -6,14 +6,15 @@
 // coturn (turnserver, turnutils_peer, turnutils_uclient) is a Debian package. Outside CI a missing
 // one skips the tests that need it; in CI (CI=true) it fails them.
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { X509Certificate } from 'node:crypto';
 import {
-  chmodSync, chownSync, closeSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, writeSync,
+  chmodSync, chownSync, closeSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync, writeSync,
 } from 'node:fs';
 import { join } from 'node:path';
 import tls from 'node:tls';
 import { describe, test } from 'node:test';
+import { runAction } from '../src/certwatch/action.ts';
 import { inspectCertwatch, startCertwatch, type CertwatchHandle } from '../src/certwatch/index.ts';
 import type { CertAction, CertwatchConfig } from '../src/config/types.ts';
 import { Metrics } from '../src/metrics/metrics.ts';
@@ -694,6 +695,43 @@ certwatch:
       assert.equal(fingerprintOf(readFileSync(files.cert)), next.fingerprint);
     } finally {
       await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('signal by pid_file: the process is signalled; a stale file whose pid now names a younger process is refused', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-pidfile-');
+    const pidFile = join(dir, 'turn.pid');
+    const action: CertAction = { kind: 'signal', systemdUnit: null, pidFile, signal: 'SIGUSR2' };
+    const paths = { cert: join(dir, 'cdn.crt'), key: join(dir, 'cdn.key') };
+    const opts = { env: process.env, timeoutMs: 5000 };
+    // sleep dies of SIGUSR2 (its default action): what a signal meant for the TURN server does to
+    // any other process that now has its pid.
+    const spawnSleeper = () => {
+      const child = spawn('sleep', ['30'], { stdio: 'ignore' });
+      const ended = new Promise<string | null>((done) => child.once('exit', (_code, signal) => done(signal)));
+      return { child, ended };
+    };
+    const old = spawnSleeper();
+    const young = spawnSleeper();
+    try {
+      // The pid file of a TURN server that died an hour ago; its pid now belongs to `young`.
+      writeFileSync(pidFile, `${young.child.pid}\n`);
+      const anHourAgo = new Date(Date.now() - HOUR);
+      utimesSync(pidFile, anHourAgo, anHourAgo);
+      await assert.rejects(runAction(action, paths, opts), /pid file .* is stale: pid \d+ started .* is the TURN server running\?/);
+      assert.equal(young.child.exitCode, null);
+      assert.equal(young.child.signalCode, null, 'the younger process was not signalled');
+
+      // A pid file written by the running process (after it started) is trusted.
+      await sleep(50);
+      writeFileSync(pidFile, `${old.child.pid}\n`);
+      const done = await runAction(action, paths, opts);
+      assert.equal(done.what, `kill -SIGUSR2 ${old.child.pid} (from ${pidFile})`);
+      assert.equal(await old.ended, 'SIGUSR2');
+    } finally {
+      old.child.kill('SIGKILL');
+      young.child.kill('SIGKILL');
       cleanup();
     }
   });

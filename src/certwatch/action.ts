@@ -3,7 +3,7 @@
 // with the deployed paths. Programs run without a shell and with a time limit; an action that does
 // not succeed throws, and the watcher retries it.
 import { spawn } from 'node:child_process';
-import { readFile } from 'node:fs/promises';
+import { readFile, stat } from 'node:fs/promises';
 import type { CertAction } from '../config/types.ts';
 import type { DeployedPaths } from './deploy.ts';
 
@@ -66,13 +66,46 @@ export function runProgram(argv: readonly string[], opts: ActionOptions): Promis
   });
 }
 
-/** The pid a pid file names, refusing anything that is not one ordinary process. */
+/**
+ * /proc reports process start times in USER_HZ ticks, which is 100 on every architecture Node.js
+ * runs on (it is fixed by the kernel's ABI, whatever the kernel's own HZ).
+ */
+const USER_HZ = 100;
+/** A pid file's mtime and the kernel's idea of boot time are both wall clock; allow for a coarse clock. */
+const STALE_SLACK_MS = 2000;
+
+/** When process `pid` started (Unix ms), from /proc; null where /proc cannot tell (not Linux, hidepid). */
+export async function processStartMs(pid: number): Promise<number | null> {
+  try {
+    const [stat, procStat] = await Promise.all([readFile(`/proc/${pid}/stat`, 'utf8'), readFile('/proc/stat', 'utf8')]);
+    // The command name (field 2) is in parentheses and may hold spaces or ")": fields after it
+    // count from the last ")". starttime is field 22, the 20th after the name.
+    const starttime = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]);
+    const btime = Number(/^btime (\d+)$/m.exec(procStat)?.[1]);
+    if (!Number.isFinite(starttime) || !Number.isFinite(btime)) return null;
+    return btime * 1000 + (starttime * 1000) / USER_HZ;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The pid a pid file names, refusing anything that is not one ordinary process, and a stale file:
+ * a TURN server that died leaves its pid file behind, and its pid may since belong to another
+ * process, which SIGUSR2 would kill. A process that started after the file was written is not
+ * the one that wrote it.
+ */
 export async function readPidFile(file: string): Promise<number> {
   const text = (await readFile(file, 'utf8')).trim();
   if (!/^\d+$/.test(text)) throw new Error(`pid file ${file} does not hold a pid: "${text.slice(0, 40)}"`);
   const pid = Number(text);
   // 0 would signal our own process group, 1 is init; a pid like that in a pid file is a mistake.
   if (pid <= 1 || pid === process.pid || !Number.isSafeInteger(pid)) throw new Error(`pid file ${file} holds pid ${pid}, which is not a TURN server`);
+  const [written, started] = await Promise.all([stat(file).then((st) => st.mtimeMs), processStartMs(pid)]);
+  if (started !== null && started > written + STALE_SLACK_MS) {
+    throw new Error(`pid file ${file} is stale: pid ${pid} started ${new Date(started).toISOString()}, after the file was written `
+      + `(${new Date(written).toISOString()}); is the TURN server running?`);
+  }
   return pid;
 }
 
