@@ -251,6 +251,20 @@ function servedFingerprint(port: number): Promise<string> {
   });
 }
 
+/** A router config with one certwatch entry over Caddy storage, copying to copyDir and running `program`. */
+function routerYaml(storageRoot: string, copyDir: string, program: string): string {
+  return `
+fallback: { name: caddy, addr: "127.0.0.1:1" }
+certwatch:
+  - name: cdn
+    domain: ${DOMAIN}
+    caddy_storage: ${storageRoot}
+    copy_to: { dir: ${copyDir}, mode: "0640" }
+    on_change:
+      exec: ["${program}", "{cert}", "{key}"]
+`;
+}
+
 function copyFiles(dir: string): { cert: string; key: string } {
   return { cert: join(dir, 'cdn.crt'), key: join(dir, 'cdn.key') };
 }
@@ -491,16 +505,7 @@ describe('certwatch', { concurrency: true }, () => {
     storage.renew(LE, ca.renewal(30 * DAY));
     const copyDir = join(dir, 'turn-certs');
     const reload = recorder(dir, 'reload');
-    const yaml = `
-fallback: { name: caddy, addr: "127.0.0.1:1" }
-certwatch:
-  - name: cdn
-    domain: ${DOMAIN}
-    caddy_storage: ${storage.root}
-    copy_to: { dir: ${copyDir}, mode: "0640" }
-    on_change:
-      exec: ["${reload.path}", "{cert}", "{key}"]
-`;
+    const yaml = routerYaml(storage.root, copyDir, reload.path);
     const once = async (expectCalls: number) => {
       const router = await startRouter(yaml);
       try {
@@ -535,16 +540,7 @@ certwatch:
     const copyDir = join(dir, 'turn-certs');
     const broken = recorder(dir, 'broken', { failFirst: 1000 });
     const reload = recorder(dir, 'reload');
-    const yaml = (program: string) => `
-fallback: { name: caddy, addr: "127.0.0.1:1" }
-certwatch:
-  - name: cdn
-    domain: ${DOMAIN}
-    caddy_storage: ${storage.root}
-    copy_to: { dir: ${copyDir}, mode: "0640" }
-    on_change:
-      exec: ["${program}", "{cert}", "{key}"]
-`;
+    const yaml = (program: string) => routerYaml(storage.root, copyDir, program);
     const once = async (program: string, until: () => boolean, what: string) => {
       const router = await startRouter(yaml(program));
       try {
