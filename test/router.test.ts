@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import { parseConfig } from '../src/config/load.ts';
 import { RouteTable } from '../src/router/table.ts';
 import {
-  type CertPair, makeCert, rawExchange, recordingBackend, sleep, startRouter, tempDir, tlsBackend, tlsHello, waitFor,
+  type CertPair, type RunningRouter, makeCert, rawExchange, recordingBackend, sleep, startRouter, tempDir, tlsBackend, tlsHello, waitFor,
 } from './helpers.ts';
 import {
   buildHello, captureNodeHello, captureOpensslHello, chromiumHttps, chromiumTurn, handshakeBytes, toRecords,
@@ -489,6 +489,40 @@ describe('the stealth rule: unroutable goes to the fallback with its bytes', () 
       assert.equal(await r.metric('sni_router_client_hello_failures_total', { reason: 'timeout' }), 2);
     } finally {
       await r.stop();
+      await rec.close();
+    }
+  });
+
+  test('a route whose every address fails goes to the fallback with every byte, not closed; under unroutable: close it is closed', async () => {
+    const rec = await recordingBackend({ replyOnEnd: 'fallback here' });
+    const dead = [await freePort(), await freePort()];
+    const config = (unroutable: string) => `
+unroutable: ${unroutable}
+fallback: { name: caddy, addr: "127.0.0.1:${rec.port}" }
+routes:
+  - { match: turn.example.com, alpn: none, backend: { name: turn, addrs: ["127.0.0.1:${dead[0]}", "127.0.0.1:${dead[1]}"] } }
+`;
+    const routers: RunningRouter[] = [];
+    try {
+      const r = await startRouter(config('fallback'));
+      routers.push(r);
+      const hello = buildHello({ sni: 'turn.example.com' });
+      const after = Buffer.from('bytes sent after the hello, while the backend is dialled');
+      const reply = await rawExchange(r.port, [hello, after]);
+      assert.equal(reply.toString(), 'fallback here', 'the client sees what the fallback says');
+      await waitFor(() => rec.conns.length === 1 && rec.conns[0].ended);
+      assert.ok(rec.conns[0].bytes.equals(Buffer.concat([hello, after])), 'the fallback got every byte, in order');
+      assert.equal(await r.metric('sni_router_backend_dial_failures_total', { backend: 'turn' }), 2, 'both addresses were tried');
+      assert.equal(await r.metric('sni_router_connections_total', { route: 'fallback', result: 'ok' }), 1);
+      assert.equal(await r.metric('sni_router_connections_total', { route: 'turn.example.com', result: 'dial_failed' }), 0);
+
+      const closing = await startRouter(config('close'));
+      routers.push(closing);
+      assert.equal((await rawExchange(closing.port, [hello], { end: false })).length, 0);
+      assert.equal(rec.conns.length, 1, 'the fallback saw nothing more');
+      assert.equal(await closing.metric('sni_router_connections_total', { route: 'turn.example.com', result: 'dial_failed' }), 1);
+    } finally {
+      for (const r of routers) await r.stop();
       await rec.close();
     }
   });

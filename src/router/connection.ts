@@ -126,6 +126,7 @@ const UP_FULL = 64; // the backend's write queue passed the high-water mark
 const DOWN_FULL = 128;
 const CLIENT_GONE = 256; // the client's connection failed (reset) before relaying began
 const RELAYED = 512; // the relay began: bytes count towards bytes_total
+const TO_FALLBACK = 1024; // the dial is the fallback's: no other backend to turn to
 
 export class Connection {
   readonly #server: RouterServer;
@@ -508,6 +509,7 @@ export class Connection {
       this.#result = 'closed';
       return null;
     }
+    this.#flags |= TO_FALLBACK;
     return this.#server.router.table.fallback;
   }
 
@@ -517,10 +519,22 @@ export class Connection {
     return n;
   }
 
-  /** Dials the next address to try (RouterServer.nextAddr), or gives up when none is left. */
+  /**
+   * Dials the next address to try (RouterServer.nextAddr). When none is left, a routed connection
+   * goes to the fallback like any other it cannot route (the stealth rule: closing it at once would
+   * tell a prober that the name leads somewhere else); the fallback's own failure, or `unroutable:
+   * close`, ends it.
+   */
   #dial(): void {
-    const backend = this.#backend!;
-    const index = this.#server.nextAddr(backend, this.#addrIndex);
+    let backend = this.#backend!;
+    let index = this.#server.nextAddr(backend, this.#addrIndex);
+    if (index < 0 && (this.#flags & TO_FALLBACK) === 0 && this.#server.settings.unroutable === 'fallback') {
+      this.#route = FALLBACK_ROUTE;
+      this.#backend = backend = this.#server.router.table.fallback;
+      this.#flags |= TO_FALLBACK;
+      this.#addrIndex = 0;
+      index = this.#server.nextAddr(backend, 0);
+    }
     if (index < 0) {
       this.#result = 'dial_failed';
       this.#finish();
