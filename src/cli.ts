@@ -8,7 +8,7 @@ import { inspectCertwatch } from './certwatch/inspect.ts';
 import { ConfigError, loadConfig, parseRoutesFile } from './config/load.ts';
 import type { Config } from './config/types.ts';
 import { redactUrl } from './log.ts';
-import { type RouteSpec, alpnKey } from './router/table.ts';
+import { type RouteSpec, RouteTable, alpnKey } from './router/table.ts';
 
 const HELP = `sni-router: routes TLS connections by SNI and ALPN without terminating TLS
 
@@ -86,8 +86,14 @@ function check(config: Config, env: NodeJS.ProcessEnv): string {
       routes.push(...parseRoutesFile(readFileSync(s.path, 'utf8'), s.path, s.name, env));
     }
   }
-  lines.push(`routes (${routes.length}, in precedence order):`);
-  for (const r of routes) lines.push(describeRoute(r));
+  // The table the router would build from them: on the same match and alpn the first wins.
+  const table = new RouteTable(routes, config.fallback);
+  lines.push(`routes (${table.routes.length}, in precedence order):`);
+  for (const r of table.routes) lines.push(describeRoute(r));
+  if (table.conflicts.length > 0) {
+    lines.push(`conflicts (${table.conflicts.length}, left out: the earlier route wins):`);
+    for (const { winner, loser } of table.conflicts) lines.push(`${describeRoute(loser)}, loses to [${winner.source}] -> ${winner.backend.name}`);
+  }
   if (config.sources.length > 0) {
     lines.push('sources:');
     for (const s of config.sources) {

@@ -180,6 +180,37 @@ describe('command line', () => {
     }
   });
 
+  test('check prints the table the router would run: a route that loses a conflict is listed as left out', () => {
+    const { dir, cleanup } = tempDir();
+    try {
+      const routesFile = join(dir, 'routes.yaml');
+      writeFileSync(routesFile, 'routes:\n  - { match: a.example.com, backend: { name: from-file, addr: "127.0.0.1:3" } }\n'
+        + '  - { match: b.example.com, backend: { name: b, addr: "127.0.0.1:4" } }\n');
+      const file = join(dir, 'c.yaml');
+      writeFileSync(file, `fallback: { name: caddy, addr: "127.0.0.1:8443" }
+routes:
+  - { match: a.example.com, backend: { name: first, addr: "127.0.0.1:1" } }
+  - { match: "A.example.com.", backend: { name: second, addr: "127.0.0.1:2" } }
+  - { match: a.example.com, alpn: none, backend: { name: turn, addr: "127.0.0.1:5" } }
+sources:
+  - { type: file, name: extra, path: "${routesFile}" }
+`);
+      const r = run(['check', '--config', file]);
+      assert.equal(r.status, 0, r.stderr);
+      const routes = r.stdout.slice(r.stdout.indexOf('routes ('), r.stdout.indexOf('conflicts ('));
+      assert.match(routes, /^routes \(3, in precedence order\):$/m);
+      assert.match(routes, /a\.example\.com -> first 127\.0\.0\.1:1 \[config\]/);
+      assert.match(routes, /a\.example\.com alpn=none -> turn/, 'another alpn is no conflict');
+      assert.match(routes, /b\.example\.com -> b .*\[extra\]/);
+      assert.doesNotMatch(routes, /second|from-file/);
+      assert.match(r.stdout, /^conflicts \(2, left out: the earlier route wins\):$/m);
+      assert.match(r.stdout, /a\.example\.com -> second 127\.0\.0\.1:2 \[config\], loses to \[config\] -> first$/m);
+      assert.match(r.stdout, /a\.example\.com -> from-file 127\.0\.0\.1:3 \[extra\], loses to \[config\] -> first$/m);
+    } finally {
+      cleanup();
+    }
+  });
+
   test('check on a bad file prints FILE:LINE:COL and exits 2', () => {
     const { dir, cleanup } = tempDir();
     try {
