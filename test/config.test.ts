@@ -2,7 +2,7 @@
 // FILE:LINE:COL, ${ENV} is interpolated, `check` prints the table, exit codes follow the contract.
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { describe, test } from 'node:test';
 import { ConfigError, parseConfig } from '../src/config/load.ts';
@@ -233,6 +233,24 @@ sources:
     assert.match(h.stdout, /sni-router check --config FILE/);
     assert.equal(run(['--bogus']).status, 2);
     assert.equal(run([]).status, 2);
+  });
+
+  test('bin/sni-router runs with any PATH: empty, without coreutils, or unset; through absolute and relative symlinks', () => {
+    const { dir, cleanup } = tempDir();
+    try {
+      symlinkSync(BIN, join(dir, 'sni-router'));
+      mkdirSync(join(dir, 'sub'));
+      symlinkSync('../sni-router', join(dir, 'sub', 'relative'));
+      for (const program of [BIN, join(dir, 'sni-router'), join(dir, 'sub', 'relative')]) {
+        for (const env of [{ PATH: '' }, { PATH: '/nonexistent' }, {}]) {
+          const r = spawnSync(program, ['--version'], { cwd: '/', env, encoding: 'utf8', timeout: 30_000 });
+          assert.equal(r.status, 0, `${program} with ${JSON.stringify(env)}: ${r.stderr}`);
+          assert.match(r.stdout, /^sni-router \d+\.\d+\.\d+/);
+        }
+      }
+    } finally {
+      cleanup();
+    }
   });
 
   test('run fails with exit 1 when it cannot listen', async () => {
