@@ -126,6 +126,17 @@ routes:
   test('sources and certwatch settings are validated', () => {
     assert.match(errorOf(`${ORAMA}sources:\n  - type: postgres\n    url: "mysql://x"\n`).message, /^x\.yaml:15:10: sources\[0\]\.url must start with postgres/);
     assert.match(errorOf(`${ORAMA}sources:\n  - type: ftp\n`).message, /^x\.yaml:14:11: sources\[0\]\.type must be one of file, postgres, redis/);
+    // URLs the clients would refuse at run time are refused here, without echoing a password.
+    for (const url of ['postgres://u:SECRETPW@127.0.0.1:notaport/db', 'postgres://u:SECRET#PW@127.0.0.1/db']) {
+      const err = errorOf(`${ORAMA}sources:\n  - type: postgres\n    url: "${url}"\n    query: "SELECT 1"\n`);
+      assert.match(err.message, /^x\.yaml:15:10: sources\[0\]\.url cannot be used: Invalid URL/);
+      assert.doesNotMatch(err.message, /SECRET/);
+    }
+    const redisErr = errorOf(`${ORAMA}sources:\n  - type: redis\n    url: "redis://:SECRETPW@127.0.0.1:x/0"\n`);
+    assert.match(redisErr.message, /^x\.yaml:15:10: sources\[0\]\.url is not a valid URL/);
+    assert.doesNotMatch(redisErr.message, /SECRET/);
+    // A host-less URL with the socket in a parameter is what pg accepts, so it is accepted.
+    assert.equal(parseConfig(`${ORAMA}sources:\n  - type: postgres\n    url: "postgres://u@/db?host=/run/postgresql"\n    query: "SELECT 1"\n`, 'x.yaml').sources.length, 1);
     assert.match(errorOf(`${ORAMA}certwatch:\n  - domain: cdn.example.com\n    cert: /a\n`).message, /cert and key go together/);
     assert.match(errorOf(`${ORAMA}certwatch:\n  - domain: c.d\n    cert: /a\n    key: /b\n    on_change: { restart: { systemd_unit: x }, exec: [a] }\n`).message, /exactly one of signal, restart, exec/);
     const ok = parseConfig(`${ORAMA}sources:

@@ -1,6 +1,7 @@
 // The whole configuration from a plain value (parsed YAML with ${ENV} already substituted).
 import { availableParallelism } from 'node:os';
 import { constants as osConstants } from 'node:os';
+import { parse as parsePostgresUrl } from 'pg-connection-string';
 import { backend, listenAddress, routeList } from './routes.ts';
 import type {
   CertAction, CertwatchConfig, Config, SourceConfig,
@@ -121,6 +122,14 @@ function sourceConfig(v: unknown, path: Path, perType: Map<string, number>): Sou
       if (!/^postgres(ql)?:\/\//.test(url)) {
         throw new ValueError([...path, 'url'], `${pathText(path)}.url must start with postgres:// or postgresql://`);
       }
+      // Parsed as the pg client will parse it (a bad port, an unencoded '#' in the password, a
+      // TLS file that is not there), so that check fails where the source would. The error never
+      // holds the URL, which may hold a password.
+      try {
+        parsePostgresUrl(url);
+      } catch (err) {
+        throw new ValueError([...path, 'url'], `${pathText(path)}.url cannot be used: ${(err as Error).message}`);
+      }
       const paramsRaw = o.params === undefined || o.params === null ? {} : o.params;
       const paramsObj = object(paramsRaw, [...path, 'params'], Object.keys(paramsRaw as object));
       const params: Record<string, string> = {};
@@ -156,6 +165,9 @@ function sourceConfig(v: unknown, path: Path, perType: Map<string, number>): Sou
       const url = opt(o, 'url', path, nonEmpty, 'redis://127.0.0.1:6379/0');
       if (!/^rediss?:\/\//.test(url)) {
         throw new ValueError([...path, 'url'], `${pathText(path)}.url must start with redis:// or rediss://`);
+      }
+      if (!URL.canParse(url)) {
+        throw new ValueError([...path, 'url'], `${pathText(path)}.url is not a valid URL (a port that is not a number, or a reserved character such as '#' not percent-encoded)`);
       }
       const resyncIntervalMs = opt(o, 'resync_interval', path, duration, 30_000);
       if (resyncIntervalMs < 100) {
