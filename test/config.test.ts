@@ -126,6 +126,8 @@ routes:
   test('sources and certwatch settings are validated', () => {
     assert.match(errorOf(`${ORAMA}sources:\n  - type: postgres\n    url: "mysql://x"\n`).message, /^x\.yaml:15:10: sources\[0\]\.url must start with postgres/);
     assert.match(errorOf(`${ORAMA}sources:\n  - type: ftp\n`).message, /^x\.yaml:14:11: sources\[0\]\.type must be one of file, postgres, redis/);
+    assert.match(errorOf(`${ORAMA}sources:\n  - type: file\n    path: /x\n    url: "redis://h"\n`).message,
+      /^x\.yaml:16:5: unknown key "url" in sources\[0\] \(allowed: type, name, path\)$/, 'the keys of the source\'s own type');
     // URLs the clients would refuse at run time are refused here, without echoing a password.
     for (const url of ['postgres://u:SECRETPW@127.0.0.1:notaport/db', 'postgres://u:SECRET#PW@127.0.0.1/db']) {
       const err = errorOf(`${ORAMA}sources:\n  - type: postgres\n    url: "${url}"\n    query: "SELECT 1"\n`);

@@ -103,7 +103,8 @@ const REDIS_KEYS = ['type', 'name', 'url', 'key', 'channel', 'resync_interval'] 
 
 /** A source without a name is called by its type ("file"), then "file-2", "file-3" and so on. */
 function sourceConfig(v: unknown, path: Path, perType: Map<string, number>): SourceConfig {
-  const peek = object(v, path, ['type', ...FILE_KEYS, ...POSTGRES_KEYS, ...REDIS_KEYS]);
+  // Only the type first: the keys are checked against that type's own list below.
+  const peek = object(v, path, v !== null && typeof v === 'object' ? Object.keys(v) : []);
   if (peek.type === undefined) throw new ValueError(path, `${pathText(path)} needs type (file, postgres or redis)`);
   const type = oneOf(peek.type, [...path, 'type'], ['file', 'postgres', 'redis'] as const);
   const nth = (perType.get(type) ?? 0) + 1;
