@@ -10,7 +10,7 @@ import { after, before, describe, test } from 'node:test';
 import { parseConfig } from '../src/config/load.ts';
 import { RouteTable } from '../src/router/table.ts';
 import {
-  type CertPair, type RunningRouter, makeCert, rawExchange, recordingBackend, sleep, startRouter, tempDir, tlsBackend, tlsHello, waitFor,
+  type CertPair, type Listening, type RunningRouter, makeCert, rawExchange, recordingBackend, sleep, startRouter, tempDir, tlsBackend, tlsHello, waitFor,
 } from './helpers.ts';
 import {
   buildHello, captureNodeHello, captureOpensslHello, chromiumHttps, chromiumTurn, handshakeBytes, toRecords,
@@ -583,6 +583,66 @@ async function freePort(): Promise<number> {
   await new Promise((r) => s.close(r));
   return port;
 }
+
+describe('access log', () => {
+  /**
+   * A backend that answers the first bytes and hangs up at once: the router's FIN reaches the
+   * client first, and by the time the connection finishes the client has hung up too, so its
+   * socket no longer knows the peer.
+   */
+  async function hangingUp(reply: string): Promise<Listening<net.Server>> {
+    const server = net.createServer((s) => {
+      s.on('error', () => {});
+      s.once('data', () => s.end(reply));
+    });
+    await new Promise<void>((res) => server.listen(0, '127.0.0.1', () => res()));
+    return { port: (server.address() as net.AddressInfo).port, server, close: () => new Promise<void>((res) => server.close(() => res())) };
+  }
+
+  /** Sends `bytes`, reads until the backend's FIN, then hangs up; says which port it used. */
+  async function exchange(port: number, bytes: Buffer): Promise<{ localPort: number; reply: string }> {
+    const s = net.connect({ host: '127.0.0.1', port });
+    await new Promise((res, rej) => s.once('connect', res).once('error', rej));
+    const localPort = s.localPort!;
+    let reply = '';
+    s.on('data', (d: Buffer) => {
+      reply += d.toString();
+    });
+    s.write(bytes);
+    await new Promise((res) => s.once('end', res));
+    s.end();
+    await new Promise((res) => s.once('close', res));
+    return { localPort, reply };
+  }
+
+  for (const limits of ['', 'max_conns_per_ip: 10\n']) {
+    test(`a connection the backend ended is logged with the client's address and port${limits === '' ? '' : ' (per-IP limit on)'}`, async () => {
+      const web = await hangingUp('web');
+      const turn = await hangingUp('turn');
+      const r = await startRouter(`${limits}log: { access: true }
+fallback: { name: web, addr: "127.0.0.1:${web.port}" }
+routes:
+  - { match: cdn.example.com, backend: { name: turn, addr: "127.0.0.1:${turn.port}" } }
+`);
+      try {
+        const routed = await exchange(r.port, buildHello({ sni: 'cdn.example.com' }));
+        const fallback = await exchange(r.port, Buffer.from('GET / HTTP/1.0\r\n\r\n'));
+        assert.deepEqual([routed.reply, fallback.reply], ['turn', 'web']);
+        await waitFor(() => r.logs.filter((l) => l.msg === 'connection').length === 2, 3000, 'two access lines');
+        for (const [c, route] of [[routed, 'cdn.example.com'], [fallback, 'fallback']] as const) {
+          const line = r.logs.find((l) => l.msg === 'connection' && l.route === route);
+          assert.equal(line?.client, '127.0.0.1', JSON.stringify(line));
+          assert.equal(line.client_port, c.localPort);
+          assert.equal(line.result, 'ok');
+        }
+      } finally {
+        await r.stop();
+        await web.close();
+        await turn.close();
+      }
+    });
+  }
+});
 
 describe('backends and limits', () => {
   test('a dial failure on the first of addrs falls over to the second, and the failed one cools down', async () => {

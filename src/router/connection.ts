@@ -127,12 +127,27 @@ const DOWN_FULL = 128;
 const CLIENT_GONE = 256; // the client's connection failed (reset) before relaying began
 const RELAYED = 512; // the relay began: bytes count towards bytes_total
 const TO_FALLBACK = 1024; // the dial is the fallback's: no other backend to turn to
+const COUNTED_IP = 2048; // the per-IP limit counted this connection under #peer.ip
+
+/** The client's address (an IPv4 client on a dual-stack socket as IPv4) and port. */
+export interface ClientPeer {
+  readonly ip: string;
+  readonly port: number | null;
+}
+
+export function clientPeer(handle: TcpHandle): ClientPeer {
+  const p = peerOf(handle);
+  return { ip: unmapIPv4(p.address ?? ''), port: p.port ?? null };
+}
 
 export class Connection {
   readonly #server: RouterServer;
   readonly #client: Handle;
-  /** The client's address when the per-IP limit counted it, else null (looked up only if needed). */
-  readonly #countedIp: string | null;
+  /**
+   * The client's address, looked up at accept when the per-IP limit or the access log needs it
+   * (a handle whose peer has hung up no longer knows it), else null.
+   */
+  readonly #peer: ClientPeer | null;
   readonly #acceptedAt = performance.now();
   #phase: Phase = Phase.Hello;
   #flags = CLIENT_READING;
@@ -169,10 +184,11 @@ export class Connection {
   slot = -1;
 
   /** Takes an accepted connection's libuv handle and starts reading the ClientHello. */
-  constructor(server: RouterServer, client: TcpHandle, countedIp: string | null) {
+  constructor(server: RouterServer, client: TcpHandle, peer: ClientPeer | null, counted: boolean) {
     this.#server = server;
     this.#client = client as Handle;
-    this.#countedIp = countedIp;
+    this.#peer = peer;
+    if (counted) this.#flags |= COUNTED_IP;
     this.#reader = new ClientHelloReader(server.settings.maxClientHelloBytes);
     this.#timer = setTimeout(Connection.#onHelloTimeout, server.settings.clientHelloTimeoutMs, this);
     const h = this.#client;
@@ -193,13 +209,14 @@ export class Connection {
     return this.#phase === Phase.Done;
   }
 
+  /** The address the per-IP limit counted this connection under, else null. */
   get countedIp(): string | null {
-    return this.#countedIp;
+    return (this.#flags & COUNTED_IP) !== 0 ? this.#peer!.ip : null;
   }
 
   /** The client's address (an IPv4 client on a dual-stack socket as IPv4). */
   get clientAddress(): string {
-    return this.#countedIp ?? unmapIPv4(peerOf(this.#client).address ?? '');
+    return (this.#peer ?? clientPeer(this.#client)).ip;
   }
 
   // ---- handlers: shared functions, `this` is the handle or the request ----
@@ -683,8 +700,9 @@ export class Connection {
       clearTimeout(this.#timer);
       this.#timer = null;
     }
-    // The log wants the client's port, which a closed handle no longer knows.
-    const peer = server.accessLog ? peerOf(this.#client) : null;
+    // Looked up now only if access logging began after the accept: the lookup fails once the
+    // client has hung up, and a closed handle knows nothing at all.
+    const peer = server.accessLog ? this.#peer ?? clientPeer(this.#client) : null;
     // Closing sends the FIN (or, with unread bytes, a reset); queued writes are dropped: a
     // connection finishes with writes queued only when it failed or timed out.
     this.#client.close();
@@ -701,7 +719,7 @@ export class Connection {
     if (peer !== null) {
       const b = this.#backend;
       server.logger.info({
-        client: this.#countedIp ?? unmapIPv4(peer.address ?? ''),
+        client: peer.ip,
         client_port: peer.port,
         sni: this.#sni,
         alpn: this.#alpn,

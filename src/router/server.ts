@@ -13,10 +13,9 @@ import type { ListenAddress, ServerSettings } from '../config/types.ts';
 import type { Logger } from '../log.ts';
 import { RateLimitedLog } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import { Connection } from './connection.ts';
-import { unmapIPv4 } from './proxyprotocol.ts';
+import { type ClientPeer, Connection, clientPeer } from './connection.ts';
 import type { BackendSpec, Router } from './table.ts';
-import { NODELAY_INHERITED, peerOf, type TcpHandle } from './uv.ts';
+import { NODELAY_INHERITED, type TcpHandle } from './uv.ts';
 
 /** Local conditions that say nothing about the backend's health: no cooldown for these. */
 const LOCAL_DIAL_ERRORS = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM', 'EADDRNOTAVAIL']);
@@ -253,15 +252,22 @@ export class RouterServer {
       this.#reject(handle, 'global');
       return;
     }
-    // The client's address costs a getpeername() call: only looked up when a limit needs it.
-    let ip: string | null = null;
-    if (s.maxConnsPerIp > 0) {
-      const remote = peerOf(handle).address;
-      if (remote === undefined) {
-        handle.close();
-        return;
+    // The client's address costs a getpeername() call: only looked up when a limit or the access
+    // log needs it.
+    let peer: ClientPeer | null = null;
+    if (s.maxConnsPerIp > 0 || this.accessLog) {
+      peer = clientPeer(handle);
+      if (peer.ip === '') {
+        // Gone already (reset before the accept was seen): it cannot be counted per address.
+        if (s.maxConnsPerIp > 0) {
+          handle.close();
+          return;
+        }
+        peer = null;
       }
-      ip = unmapIPv4(remote);
+    }
+    if (s.maxConnsPerIp > 0) {
+      const ip = peer!.ip;
       const count = this.#perIp.get(ip) ?? 0;
       if (count >= s.maxConnsPerIp) {
         this.#reject(handle, 'per_ip', ip);
@@ -269,7 +275,7 @@ export class RouterServer {
       }
       this.#perIp.set(ip, count + 1);
     }
-    const conn = new Connection(this, handle, ip);
+    const conn = new Connection(this, handle, peer, s.maxConnsPerIp > 0);
     if (!conn.finished) {
       conn.slot = this.#conns.length;
       this.#conns.push(conn);
@@ -280,7 +286,7 @@ export class RouterServer {
     this.metrics.connectionLimitRejections.inc({ scope });
     const suppressed = this.#limitLog.allow();
     if (suppressed >= 0) {
-      this.logger.warn({ scope, client: ip ?? unmapIPv4(peerOf(handle).address ?? ''), active: this.#conns.length, suppressed },
+      this.logger.warn({ scope, client: ip ?? clientPeer(handle).ip, active: this.#conns.length, suppressed },
         'connection limit reached');
     }
     handle.close();
