@@ -19,8 +19,9 @@
 --
 -- A disabled namespace, one without a 'turn' allocation on this node, or one whose allocation has
 -- no turn_tls_port yields no route (the last one is reported as an invalid entry and skipped).
--- Namespace names are used as a DNS label: lowercase letters, digits and '-'; a row whose name
--- does not make a valid name is skipped and counted, the others still apply.
+-- Namespace names are used as a DNS label: letters (compared lowercased), digits and '-', not at
+-- either end, at most 58 characters; a row whose name is not one is skipped and counted, the
+-- others still apply.
 --
 -- Every INSERT, UPDATE, DELETE or TRUNCATE of either table NOTIFYs the channel sni_router_routes,
 -- which a router configured with `listen_channel: sni_router_routes` reads at once.

@@ -269,17 +269,30 @@ test('skips malformed rows and counts them while their siblings apply', async (t
   await addNamespace(rg.d.db, { name: 'good', port: good.port });
   await addNamespace(rg.d.db, { name: 'Not A Label!', port: good.port });
   await addNamespace(rg.d.db, { name: 'noport', port: null });
+  // Not one label under the base domain: two labels, and a character no host name has.
+  await addNamespace(rg.d.db, { name: 'a.b', port: good.port });
+  await addNamespace(rg.d.db, { name: 'bad_name', port: good.port });
   await timeUntilRouted(r.port, `turn-good.${BASE}`, 'turn-good', { deadlineMs: BOUND_MS });
-  await waitFor(async () => await r.metric('sni_router_source_invalid_entries_total', { source: rg.source }) >= 2, 3000, 'invalid rows counted');
+  await waitFor(async () => await r.metric('sni_router_source_invalid_entries_total', { source: rg.source }) >= 4, 3000, 'invalid rows counted');
   assert.equal(await r.metric('sni_router_source_up', { source: rg.source }), 1);
   assert.equal(await r.metric('sni_router_routes', { source: rg.source }), 1);
-  const skipped = r.logs.filter((l) => l.msg === 'skipped invalid route entry' && l.source === rg.source).map((l) => String(l.entry));
-  assert.ok(skipped.some((e) => e.includes('turn-Not A Label!')), `skipped: ${skipped.join('; ')}`);
-  assert.ok(skipped.some((e) => e.includes('turn-noport')), `skipped: ${skipped.join('; ')}`);
+  assert.equal(await backendFor(r.port, `turn-a.b.${BASE}`), 'caddy');
+  const skippedLines = () => r.logs.filter((l) => l.msg === 'skipped invalid route entry' && l.source === rg.source);
+  const skipped = skippedLines().map((l) => String(l.entry));
+  for (const name of ['turn-Not A Label!', 'turn-noport', 'turn-a.b.', 'turn-bad_name.']) {
+    assert.ok(skipped.some((e) => e.includes(name)), `${name} skipped: ${skipped.join('; ')}`);
+  }
+  assert.equal(skipped.length, 4);
   // A standing bad row is counted on every read but logged once.
   r.app.composer.resyncAll();
-  await waitFor(async () => await r.metric('sni_router_source_invalid_entries_total', { source: rg.source }) >= 4, 3000, 'recounted');
-  assert.equal(r.logs.filter((l) => l.msg === 'skipped invalid route entry' && l.source === rg.source).length, skipped.length);
+  await waitFor(async () => await r.metric('sni_router_source_invalid_entries_total', { source: rg.source }) >= 8, 3000, 'recounted');
+  assert.equal(skippedLines().length, 4);
+  // Also when the rows around it change: a namespace sorted before them comes (and moves every
+  // row after it one place down); the standing ones are still not logged again.
+  const early = await rg.backend('turn-aaa');
+  await addNamespace(rg.d.db, { name: 'aaa', port: early.port });
+  await timeUntilRouted(r.port, `turn-aaa.${BASE}`, 'turn-aaa', { deadlineMs: BOUND_MS });
+  assert.equal(skippedLines().length, 4, skippedLines().map((l) => String(l.entry)).join('; '));
 });
 
 test('a custom query returns match, addr, name, proxy_protocol and alpn; params are session settings', async (t) => {

@@ -36,7 +36,8 @@ export const DEFAULT_QUERY = `
 SELECT 'turn-' || c.namespace_name || '.' || $1::text AS match,
        $3::text || ':' || p.turn_tls_port::text AS addr,
        'turn-' || c.namespace_name AS name,
-       CASE WHEN c.stealth_enabled THEN 'none' END AS alpn
+       CASE WHEN c.stealth_enabled THEN 'none' END AS alpn,
+       c.namespace_name AS namespace
   FROM namespace_webrtc_config c
   JOIN webrtc_port_allocations p
     ON p.namespace_cluster_id = c.namespace_cluster_id AND p.service_type = 'turn'
@@ -181,7 +182,7 @@ export class PostgresSource implements RouteSource {
       this.#readFailed(new Error(`the query returned columns ${[...columns].join(', ') || '(none)'}; it must return match and addr`));
       return;
     }
-    const snapshot = snapshotFromRows(result.rows, this.name);
+    const snapshot = snapshotFromRows(result.rows, this.name, this.#config.query === 'default');
     this.#readFailures = 0;
     this.#live = true;
     this.#sink?.snapshot(snapshot);
@@ -359,12 +360,27 @@ export class PostgresSource implements RouteSource {
   }
 }
 
-/** Rows to a snapshot: a row that does not make a valid route is skipped and reported. */
-export function snapshotFromRows(rows: readonly Record<string, unknown>[], source: string): Snapshot {
+/**
+ * A namespace name as the default query uses it: one DNS label once prefixed with "turn-" (so
+ * that the `*.<base_domain>` certificate covers the name), letters compared lowercased.
+ */
+const NAMESPACE_LABEL = /^[a-z0-9](?:[a-z0-9-]{0,56}[a-z0-9])?$/i;
+
+/**
+ * Rows to a snapshot: a row that does not make a valid route is skipped and reported. Its entry
+ * is named by its match where it has one, not by its position, so that it stays the same entry
+ * (logged once) while other rows come and go. With the default query (`namespaceLabels`), a
+ * namespace name that is not a DNS label is such a row.
+ */
+export function snapshotFromRows(rows: readonly Record<string, unknown>[], source: string, namespaceLabels = false): Snapshot {
   const routes: RouteSpec[] = [];
   const invalid: InvalidEntry[] = [];
   rows.forEach((row, i) => {
     try {
+      if (namespaceLabels && !(typeof row.namespace === 'string' && NAMESPACE_LABEL.test(row.namespace))) {
+        throw new Error(`namespace name ${JSON.stringify(row.namespace)} is not a DNS label `
+          + "(letters, digits and '-', not at either end, at most 58 characters)");
+      }
       const addr = row.addr;
       const addrs = Array.isArray(addr)
         ? addr
@@ -374,8 +390,7 @@ export function snapshotFromRows(rows: readonly Record<string, unknown>[], sourc
       if (row.proxy_protocol !== undefined && row.proxy_protocol !== null) backend.proxy_protocol = row.proxy_protocol;
       routes.push(route({ match: row.match, alpn: alpnColumn(row.alpn), backend }, [], source));
     } catch (err) {
-      const match = typeof row.match === 'string' ? ` (${row.match})` : '';
-      invalid.push({ entry: `row ${i + 1}${match}`, error: (err as Error).message });
+      invalid.push({ entry: typeof row.match === 'string' ? `match ${row.match}` : `row ${i + 1}`, error: (err as Error).message });
     }
   });
   return { routes, invalid };
