@@ -546,9 +546,7 @@ export class Connection {
     let backend = this.#backend!;
     let index = this.#server.nextAddr(backend, this.#addrIndex);
     if (index < 0 && (this.#flags & TO_FALLBACK) === 0 && this.#server.settings.unroutable === 'fallback') {
-      this.#route = FALLBACK_ROUTE;
-      this.#backend = backend = this.#server.router.table.fallback;
-      this.#flags |= TO_FALLBACK;
+      this.#backend = backend = this.#unroutable()!;
       this.#addrIndex = 0;
       index = this.#server.nextAddr(backend, 0);
     }
