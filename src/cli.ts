@@ -83,7 +83,7 @@ function check(config: Config, env: NodeJS.ProcessEnv): string {
   for (const s of config.sources) {
     if (s.type === 'file' && existsSync(s.path)) {
       // The routes file is part of the static configuration: validate it here too.
-      routes.push(...parseRoutesFile(readFileSync(s.path, 'utf8'), s.path, s.name, env));
+      for (const r of parseRoutesFile(readFileSync(s.path, 'utf8'), s.path, s.name, env)) routes.push(r);
     }
   }
   // The table the router would build from them: on the same match and alpn the first wins.

@@ -181,6 +181,23 @@ test('a conflict that changes no lookup is still shown and counted: the table is
   await composer.stop();
 });
 
+test('a source with 200,000 routes is merged whole (passing them as call arguments overflows the stack)', async () => {
+  const fallback = { name: 'caddy', addrs: ['127.0.0.1:9'], proxyProtocol: null };
+  const router = new Router(new RouteTable([], fallback));
+  const { logger } = memoryLogger('info');
+  const composer = new Composer({ router, metrics: new Metrics({ defaultMetrics: false }), logger, coalesceMs: 1 });
+  const big = new HandFedSource('big');
+  composer.setConfig(routeList([{ match: 'config.test', backend: { name: 'config', addr: '127.0.0.1:9' } }], ['routes'], 'config'), fallback);
+  await composer.setSources([big]);
+  const pairs: Array<readonly [string, string]> = [];
+  for (let i = 0; i < 200_000; i++) pairs.push([`ns${i}.big.test`, `b${i}`]);
+  big.feed(pairs);
+  await waitFor(() => router.table.routes.length === 200_001, 10_000, 'the big table');
+  assert.equal(router.table.lookup('ns199999.big.test', null)?.backend.name, 'b199999');
+  assert.equal(router.table.lookup('config.test', null)?.backend.name, 'config');
+  await composer.stop();
+});
+
 test('config routes come first, then sources in order; the loser of a conflict is logged and counted', async (t) => {
   const rg = await rig(t);
   const same = 'same.example.test';

@@ -153,7 +153,13 @@ export class Composer {
     if (this.#timer !== null || this.#stopped) return;
     this.#timer = setTimeout(() => {
       this.#timer = null;
-      this.applyNow();
+      try {
+        this.applyNow();
+      } catch (err) {
+        // A table that cannot be built must not take the data plane down with it: the running
+        // table stays, and the next change or resync tries again.
+        this.#logger.error({ err: (err as Error).message }, 'route table update failed, keeping the running table');
+      }
     }, this.#coalesceMs);
   }
 
@@ -163,8 +169,10 @@ export class Composer {
       clearTimeout(this.#timer);
       this.#timer = null;
     }
-    const merged: RouteSpec[] = [...this.#configRoutes];
-    for (const t of this.#sources) if (t.snapshot !== null) merged.push(...t.snapshot.routes);
+    // concat, not push(...routes): a spread passes every route as an argument, and a source with
+    // 125,000 routes overflows the stack.
+    let merged: readonly RouteSpec[] = this.#configRoutes;
+    for (const t of this.#sources) if (t.snapshot !== null) merged = merged.concat(t.snapshot.routes);
     const current = this.#router.table;
     const table = new RouteTable(merged, this.#fallback);
     this.#reportConflicts(table);
