@@ -137,9 +137,9 @@ class HandFedSource implements RouteSource {
   }
   resync(): void {}
   async stop(): Promise<void> {}
-  feed(routes: ReadonlyArray<readonly [string, string]>): void {
+  feed(routes: ReadonlyArray<readonly [string, string]>, origin?: string): void {
     const specs = routeList(routes.map(([match, name]) => ({ match, backend: { name, addr: '127.0.0.1:9' } })), [this.name], this.name);
-    this.#sink?.snapshot({ routes: specs, invalid: [] });
+    this.#sink?.snapshot({ routes: specs, invalid: [], ...(origin === undefined ? {} : { origin }) });
   }
 }
 
@@ -195,6 +195,38 @@ test('a source with 200,000 routes is merged whole (passing them as call argumen
   await waitFor(() => router.table.routes.length === 200_001, 10_000, 'the big table');
   assert.equal(router.table.lookup('ns199999.big.test', null)?.backend.name, 'b199999');
   assert.equal(router.table.lookup('config.test', null)?.backend.name, 'config');
+  await composer.stop();
+});
+
+test('a snapshot from a cache is applied but is no success; a source taken away leaves no gauges behind', async () => {
+  const fallback = { name: 'caddy', addrs: ['127.0.0.1:9'], proxyProtocol: null };
+  const router = new Router(new RouteTable([], fallback));
+  const metrics = new Metrics({ defaultMetrics: false });
+  const { logger } = memoryLogger('info');
+  const composer = new Composer({ router, metrics, logger, coalesceMs: 1 });
+  const keep = new HandFedSource('keep');
+  const cached = new HandFedSource('cached');
+  composer.setConfig([], fallback);
+  await composer.setSources([keep, cached]);
+  const metric = async (name: string, source: string, extra: Record<string, string> = {}) => metricValue(await metrics.registry.metrics(), name, { source, ...extra });
+  const series = async (source: string) => (await metrics.registry.metrics()).split('\n').filter((l) => l.includes(`source="${source}"`) && /^sni_router_source_(up|last_success_timestamp_seconds)\{/.test(l));
+
+  keep.feed([['keep.test', 'k']]);
+  cached.feed([['cached.test', 'c']], 'cache');
+  await waitFor(() => router.table.routes.length === 2, 3000, 'both snapshots applied');
+  assert.equal(await metric('sni_router_source_up', 'keep'), 1);
+  assert.equal(await metric('sni_router_source_up', 'cached'), 0, 'a cache is not the source answering');
+  assert.equal(await metric('sni_router_source_updates_total', 'cached', { result: 'ok' }), 0);
+  assert.ok(!(await series('cached')).some((l) => l.startsWith('sni_router_source_last_success')), 'no success time from a cache');
+  assert.deepEqual(composer.statuses().map((st) => [st.name, st.state, st.routes]), [['keep', 'ok', 1], ['cached', 'starting', 1]]);
+
+  cached.feed([['cached.test', 'c']]);
+  await waitFor(async () => await metric('sni_router_source_up', 'cached') === 1, 3000, 'the live read');
+  assert.equal((await series('cached')).length, 2);
+
+  await composer.setSources([keep]);
+  assert.deepEqual(await series('cached'), [], 'no gauge of a source that is gone');
+  assert.equal(await metric('sni_router_source_up', 'keep'), 1);
   await composer.stop();
 });
 

@@ -79,6 +79,13 @@ export class Composer {
     await Promise.all(old.map((t) => t.source.stop().catch((err: Error) => {
       this.#logger.warn({ source: t.source.name, err: err.message }, 'source did not stop cleanly');
     })));
+    // A source that is gone says nothing more: its gauges go (its counters keep their history).
+    for (const t of old) {
+      const name = t.source.name;
+      if (this.#sources.some((n) => n.source.name === name)) continue;
+      this.#metrics.sourceUp.remove({ source: name });
+      this.#metrics.sourceLastSuccess.remove({ source: name });
+    }
     this.#gaugesStale = true;
     await Promise.all(this.#sources.map((t) => t.source.start(this.#sinkFor(t)).catch((err: Error) => {
       this.#sinkFor(t).failure(err);
@@ -116,10 +123,17 @@ export class Composer {
         const now = Date.now();
         const before = t.snapshot;
         t.snapshot = snapshot;
-        t.status = { ...t.status, state: 'ok', failingSince: null, lastSuccess: now, lastError: null, routes: snapshot.routes.length };
-        this.#metrics.sourceUpdates.inc({ source: name, result: 'ok' });
-        this.#metrics.sourceLastSuccess.set({ source: name }, now / 1000);
-        this.#metrics.sourceUp.set({ source: name }, 1);
+        if (snapshot.origin === undefined) {
+          t.status = { ...t.status, state: 'ok', failingSince: null, lastSuccess: now, lastError: null, routes: snapshot.routes.length };
+          this.#metrics.sourceUpdates.inc({ source: name, result: 'ok' });
+          this.#metrics.sourceLastSuccess.set({ source: name }, now / 1000);
+          this.#metrics.sourceUp.set({ source: name }, 1);
+        } else {
+          // Served from a copy (PostgreSQL's cache file) while the source itself has not answered:
+          // its routes apply, but it is no read of the source: not up, no success.
+          t.status = { ...t.status, routes: snapshot.routes.length };
+          this.#metrics.sourceUp.set({ source: name }, 0);
+        }
         if (snapshot.invalid.length > 0) {
           this.#metrics.sourceInvalidEntries.inc({ source: name }, snapshot.invalid.length);
           // Counted on every read (an alert on the rate lasts as long as the entry stays bad), but
@@ -134,14 +148,16 @@ export class Composer {
       },
       failure: (err) => {
         if (this.#stopped || !this.#sources.includes(t)) return;
-        const wasFailing = t.status.state === 'failing';
+        const repeat = t.status.state === 'failing' && t.status.lastError === err.message;
         t.status = {
           ...t.status, state: 'failing', failingSince: t.status.failingSince ?? Date.now(), lastError: err.message,
         };
         this.#metrics.sourceUpdates.inc({ source: name, result: 'error' });
         this.#metrics.sourceUp.set({ source: name }, 0);
-        // The first failure is a warning; repeats while still failing are debug, not a flood.
-        const level = wasFailing ? 'debug' : 'warn';
+        // A failure is a warning; the same failure again while still failing is debug, not a
+        // flood. Another error while failing (the file fixed into a new mistake, the database
+        // back with a dropped table) is news: a warning again.
+        const level = repeat ? 'debug' : 'warn';
         this.#logger[level]({ source: name, err: err.message, routes_kept: t.snapshot?.routes.length ?? 0 },
           'source failed, keeping its last good snapshot');
       },
