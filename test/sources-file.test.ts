@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { mkdirSync, renameSync, rmSync, symlinkSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
-import { type RunningRouter, makeCert, startRouter, tempDir, tlsBackend, waitFor } from './helpers.ts';
+import { type RunningRouter, makeCert, sleep, startRouter, tempDir, tlsBackend, waitFor } from './helpers.ts';
 import { backendFor, randomSuffix, timeUntilRouted } from './support/sources.ts';
 
 const BOUND_MS = 1000;
@@ -226,4 +226,38 @@ test('a routes file that holds no routes yields no routes', async (t) => {
   await timeUntilRouted(r.port, 'a.example.test', 'caddy', { since, deadlineMs: BOUND_MS });
   assert.equal(await r.metric('sni_router_source_up', { source: 'routes-file' }), 1);
   assert.equal(await r.metric('sni_router_routes', { source: 'routes-file' }), 0);
+});
+
+test('a large routes file is parsed off the main thread: relays go on while it parses, and its errors still name FILE:LINE:COL', async (t) => {
+  const rg = await rig(t);
+  const file = join(rg.dir, 'routes.yaml');
+  writeFileSync(file, routesYaml(rg.ports, [['a.example.test', 'alpha']]));
+  const r = await rg.start(file);
+  assert.equal(await backendFor(r.port, 'a.example.test'), 'alpha');
+
+  // 30,000 routes (~2 MB of YAML): seconds of parsing, which inline would stall every connection.
+  const many: Array<readonly [string, string]> = [['a.example.test', 'bravo']];
+  for (let i = 0; i < 30_000; i++) many.push([`n${i}.bulk.test`, 'charlie']);
+  const since = Date.now();
+  writeAtomically(file, routesYaml(rg.ports, many));
+  let slowest = 0;
+  let probes = 0;
+  for (;;) {
+    const started = Date.now();
+    const got = await backendFor(r.port, 'a.example.test');
+    slowest = Math.max(slowest, Date.now() - started);
+    probes++;
+    if (got === 'bravo') break;
+    assert.ok(Date.now() - since < 60_000, 'the large file was never applied');
+    await sleep(20);
+  }
+  const appliedMs = Date.now() - since;
+  assert.equal(await backendFor(r.port, 'n29999.bulk.test'), 'charlie');
+  t.diagnostic(`30,000 routes applied after ${appliedMs} ms; ${probes} handshakes meanwhile, the slowest ${slowest} ms`);
+  assert.ok(probes >= 3 && slowest < appliedMs / 2, `handshakes went on during the parse (slowest ${slowest} ms of ${appliedMs})`);
+
+  // A mistake deep in a large file: rejected whole, with its position, by the same parser.
+  writeAtomically(file, `${routesYaml(rg.ports, many.slice(0, 2000))}  - match: "bad.example.test"\n    backend: { addr: "no-port" }\n`);
+  await waitFor(() => r.logs.some((l) => l.source === 'routes-file' && l.level === 'warn' && /routes\.yaml:\d+:\d+: .*no-port/.test(String(l.err))), 10_000, 'the position of the bad route');
+  assert.equal(await backendFor(r.port, 'n29999.bulk.test'), 'charlie', 'the last good routes stay');
 });
