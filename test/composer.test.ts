@@ -143,16 +143,22 @@ class HandFedSource implements RouteSource {
   }
 }
 
-test('a conflict that changes no lookup is still shown and counted: the table is not replaced, the conflicts are current', async () => {
+/** A composer over a real router and metrics, fed by hand-fed sources, with the config's own routes. */
+async function handFed(configRoutes: ReadonlyArray<readonly [string, string]>, ...sources: HandFedSource[]) {
   const fallback = { name: 'caddy', addrs: ['127.0.0.1:9'], proxyProtocol: null };
   const router = new Router(new RouteTable([], fallback));
   const metrics = new Metrics({ defaultMetrics: false });
-  const { logger } = memoryLogger('debug');
-  const composer = new Composer({ router, metrics, logger, coalesceMs: 1 });
+  const composer = new Composer({ router, metrics, logger: memoryLogger('info').logger, coalesceMs: 1 });
+  const routes = configRoutes.map(([match, name]) => ({ match, backend: { name, addr: '127.0.0.1:9' } }));
+  composer.setConfig(routeList(routes, ['routes'], 'config'), fallback);
+  await composer.setSources(sources);
+  return { router, metrics, composer };
+}
+
+test('a conflict that changes no lookup is still shown and counted: the table is not replaced, the conflicts are current', async () => {
   const early = new HandFedSource('early');
   const late = new HandFedSource('late');
-  composer.setConfig(routeList([{ match: 'same.test', backend: { name: 'config-wins', addr: '127.0.0.1:9' } }], ['routes'], 'config'), fallback);
-  await composer.setSources([early, late]);
+  const { router, metrics, composer } = await handFed([['same.test', 'config-wins']], early, late);
   const losers = () => composer.conflicts().map((c) => c.loser.source).sort();
   const settle = () => sleep(30);
 
@@ -182,13 +188,8 @@ test('a conflict that changes no lookup is still shown and counted: the table is
 });
 
 test('a source with 200,000 routes is merged whole (passing them as call arguments overflows the stack)', async () => {
-  const fallback = { name: 'caddy', addrs: ['127.0.0.1:9'], proxyProtocol: null };
-  const router = new Router(new RouteTable([], fallback));
-  const { logger } = memoryLogger('info');
-  const composer = new Composer({ router, metrics: new Metrics({ defaultMetrics: false }), logger, coalesceMs: 1 });
   const big = new HandFedSource('big');
-  composer.setConfig(routeList([{ match: 'config.test', backend: { name: 'config', addr: '127.0.0.1:9' } }], ['routes'], 'config'), fallback);
-  await composer.setSources([big]);
+  const { router, composer } = await handFed([['config.test', 'config']], big);
   const pairs: Array<readonly [string, string]> = [];
   for (let i = 0; i < 200_000; i++) pairs.push([`ns${i}.big.test`, `b${i}`]);
   big.feed(pairs);
@@ -199,15 +200,9 @@ test('a source with 200,000 routes is merged whole (passing them as call argumen
 });
 
 test('a snapshot from a cache is applied but is no success; a source taken away leaves no gauges behind', async () => {
-  const fallback = { name: 'caddy', addrs: ['127.0.0.1:9'], proxyProtocol: null };
-  const router = new Router(new RouteTable([], fallback));
-  const metrics = new Metrics({ defaultMetrics: false });
-  const { logger } = memoryLogger('info');
-  const composer = new Composer({ router, metrics, logger, coalesceMs: 1 });
   const keep = new HandFedSource('keep');
   const cached = new HandFedSource('cached');
-  composer.setConfig([], fallback);
-  await composer.setSources([keep, cached]);
+  const { router, metrics, composer } = await handFed([], keep, cached);
   const metric = async (name: string, source: string, extra: Record<string, string> = {}) => metricValue(await metrics.registry.metrics(), name, { source, ...extra });
   const series = async (source: string) => (await metrics.registry.metrics()).split('\n').filter((l) => l.includes(`source="${source}"`) && /^sni_router_source_(up|last_success_timestamp_seconds)\{/.test(l));
 
