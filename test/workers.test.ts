@@ -232,7 +232,7 @@ routes:
       const readyz = await fetch(`http://127.0.0.1:${r.adminPort}/readyz`);
       assert.equal(readyz.status, 200);
       assert.equal(await r.metric('sni_router_worker_connections_lost_total'), victim.active);
-      assert.ok(r.logs.some((l) => l.msg === 'worker exited unexpectedly; restarting it' && l.pid === victim.pid &&
+      assert.ok(r.logs.some((l) => l.msg === 'worker exited unexpectedly; restarting it' && l.worker_pid === victim.pid &&
         l.signal === 'SIGKILL' && l.connections_lost === victim.active));
       // The killed worker's clients lost their connections; the survivor's still relay.
       const closed = await Promise.all(closedByKill);
@@ -290,7 +290,7 @@ routes:
     try {
       const t0 = Date.now();
       process.kill(stopped, 'SIGSTOP');
-      await waitFor(() => r.logs.some((l) => l.msg === 'worker stopped answering; killing it' && l.pid === stopped), 20_000, 'watchdog');
+      await waitFor(() => r.logs.some((l) => l.msg === 'worker stopped answering; killing it' && l.worker_pid === stopped), 20_000, 'watchdog');
       const took = Date.now() - t0;
       assert.ok(took >= 14_000, `killed after ${took} ms`);
       await waitFor(() => r.app.notReadyReason() === null && !alive(stopped), 10_000, 'restarted');
@@ -425,7 +425,7 @@ async function http(port: number, path: string): Promise<{ status: number; body:
 }
 
 function workerPids(p: Proc): number[] {
-  return p.logs.filter((l) => l.msg === 'worker listening').map((l) => Number(l.pid));
+  return p.logs.filter((l) => l.msg === 'worker listening').map((l) => Number(l.worker_pid));
 }
 
 describe('bin/sni-router with workers: 2', () => {
@@ -439,6 +439,11 @@ describe('bin/sni-router with workers: 2', () => {
     try {
       assert.equal(p.port, port);
       assert.equal(pids.length, 2);
+      // Worker events are the primary's lines: pid is the primary's, worker_pid the worker's (one
+      // key each; a repeated "pid" would leave a JSON reader only the last).
+      const primaryPid = p.logs.find((l) => l.msg === 'sni-router started')!.pid;
+      for (const l of p.logs.filter((x) => x.msg === 'worker listening')) assert.equal(l.pid, primaryPid);
+      assert.ok(!pids.includes(Number(primaryPid)));
       assert.equal((await http(p.adminPort, '/readyz')).status, 200);
       // The primary coordinates: SIGINT and SIGTERM sent to a worker itself (a terminal's process
       // group gets them too) neither stop it nor count as a restart.

@@ -238,7 +238,7 @@ export class WorkerPool {
     clearTimeout(timer);
     for (const s of live) {
       if (s.worker !== null) {
-        this.#logger.warn({ worker: s.index, pid: s.pid }, 'worker did not exit after draining; killing it');
+        this.#logger.warn({ worker: s.index, worker_pid: s.pid }, 'worker did not exit after draining; killing it');
         s.worker.process.kill('SIGKILL');
       }
     }
@@ -290,7 +290,7 @@ export class WorkerPool {
       if (m.t === 'listening') {
         slot.state = 'listening';
         slot.lastHeartbeat = Date.now();
-        this.#logger.info({ worker: slot.index, pid: slot.pid, restarts: slot.restarts }, 'worker listening');
+        this.#logger.info({ worker: slot.index, worker_pid: slot.pid, restarts: slot.restarts }, 'worker listening');
         listening([...m.addresses]);
         return;
       }
@@ -366,7 +366,7 @@ export class WorkerPool {
     slot.tracked = 0;
     slot.state = 'restarting';
     this.#logger.error({
-      worker: slot.index, pid: slot.pid, code, signal, connections_lost: lost, ran_ms: ranMs, restart_in_ms: delay,
+      worker: slot.index, worker_pid: slot.pid, code, signal, connections_lost: lost, ran_ms: ranMs, restart_in_ms: delay,
       ...(slot.failure === null ? {} : { err: slot.failure }),
     }, 'worker exited unexpectedly; restarting it');
     const last = slot.lastMetrics;
@@ -390,7 +390,7 @@ export class WorkerPool {
     const now = Date.now();
     for (const s of this.#slots) {
       if (s.worker !== null && s.state === 'listening' && now - s.lastHeartbeat > HEARTBEAT_TIMEOUT_MS) {
-        this.#logger.error({ worker: s.index, pid: s.pid, silent_ms: now - s.lastHeartbeat }, 'worker stopped answering; killing it');
+        this.#logger.error({ worker: s.index, worker_pid: s.pid, silent_ms: now - s.lastHeartbeat }, 'worker stopped answering; killing it');
         s.lastHeartbeat = now;
         s.worker.process.kill('SIGKILL');
       }
