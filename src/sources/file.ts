@@ -32,12 +32,12 @@ const WATCH_READY_MS = 2000;
 /** Symlinks followed while resolving the path, as the kernel's own limit. */
 const MAX_SYMLINK_HOPS = 40;
 /**
- * A file larger than this is parsed in a worker thread: YAML costs about 70 ms and 9 MB of heap
- * per 1,000 routes (100,000 routes: 7 MB of YAML, ~7 s, ~900 MB), which on the main thread would
- * stall every relay for as long. Below it, a parse takes a few milliseconds.
+ * A file larger than this is parsed in a worker thread: YAML parsing is slow and heavy (by hand
+ * here, 100,000 routes, 7 MB of YAML: ~7 s and ~900 MB), and on the main thread would stall every
+ * relay for as long. Below it, a parse takes a few milliseconds.
  */
 const INLINE_PARSE_BYTES = 64 * 1024;
-/** A routes file over this is refused unread: tables this big belong in PostgreSQL or Redis. */
+/** A routes file over this is refused without being parsed: tables this big belong in PostgreSQL or Redis. */
 const MAX_FILE_BYTES = 64 * 1024 * 1024;
 /** The worker's heap; a file that needs more fails to parse (the router is unharmed). */
 const PARSE_HEAP_MB = 2048;
@@ -151,11 +151,12 @@ export class FileSource implements RouteSource {
     this.#lastState = hash;
     let routes: RouteSpec[];
     try {
-      if (text.length > MAX_FILE_BYTES) {
-        throw new Error(`${this.#path}: ${(text.length / 1048576).toFixed(0)} MiB, over the 64 MiB a routes file may have `
+      const bytes = Buffer.byteLength(text);
+      if (bytes > MAX_FILE_BYTES) {
+        throw new Error(`${this.#path}: ${(bytes / 1048576).toFixed(0)} MiB, over the 64 MiB a routes file may have `
           + '(tables this big belong in the PostgreSQL or Redis source)');
       }
-      routes = text.length <= INLINE_PARSE_BYTES
+      routes = bytes <= INLINE_PARSE_BYTES
         ? parseRoutesFile(text, this.#path, this.name)
         : await parseRoutesOffThread(text, this.#path, this.name);
     } catch (err) {
