@@ -8,7 +8,8 @@
 import { performance } from 'node:perf_hooks';
 import { createLogger } from '../src/log.ts';
 import { Metrics } from '../src/metrics/metrics.ts';
-import { type BackendSpec, type RouteSpec, RouteTable, Router } from '../src/router/table.ts';
+import { RouteTable, Router } from '../src/router/table.ts';
+import { type BackendSpec, type RouteSpec } from '../src/model/route.ts';
 import { Composer } from '../src/sources/composer.ts';
 
 const args = process.argv.slice(2);
@@ -49,7 +50,7 @@ function makeRoutes(n: number, generation: number): RouteSpec[] {
       addrs: Object.freeze([`10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}:${port}`]),
       proxyProtocol: null,
     });
-    routes[i] = Object.freeze({ match, alpn: kind === 2 ? { kind: 'none' as const } : null, backend, source: 'bench' });
+    routes[i] = Object.freeze({ match, alpn: kind === 2 ? { kind: 'none' as const } : null, backend, source: 'bench', namespace: null });
   }
   return routes;
 }

@@ -18,7 +18,8 @@ import { Writable } from 'node:stream';
 import { App } from '../src/app.ts';
 import { parseConfig } from '../src/config/load.ts';
 import { createLogger } from '../src/log.ts';
-import { type BackendSpec, type RouteSpec, RouteTable } from '../src/router/table.ts';
+import { RouteTable } from '../src/router/table.ts';
+import { type BackendSpec, type RouteSpec } from '../src/model/route.ts';
 
 const args = process.argv.slice(2);
 const argValue = (name: string): string | undefined => {
@@ -94,7 +95,7 @@ probe.stdout.on('data', (d) => {
 });
 
 const fallback: BackendSpec = { name: 'fb', addrs: [backendAddr], proxyProtocol: null };
-const probeRoute: RouteSpec = { match: 'cdn.example.com', alpn: null, backend: { name: 'probe', addrs: [backendAddr], proxyProtocol: null }, source: 'bench' };
+const probeRoute: RouteSpec = { match: 'cdn.example.com', alpn: null, backend: { name: 'probe', addrs: [backendAddr], proxyProtocol: null }, source: 'bench', namespace: null };
 
 /** As bench/table.ts: 90% exact names, 5% `*.`, 5% `**.`; `generation` moves 1% of them to another port. */
 function makeRoutes(n: number, generation: number): RouteSpec[] {
@@ -105,7 +106,7 @@ function makeRoutes(n: number, generation: number): RouteSpec[] {
     const match = kind === 0 ? `*.w${i}.example.net` : kind === 1 ? `**.d${i}.example.org` : `h${i}.example.com`;
     const p = 5349 + (i % 100 === generation % 100 ? generation : 0);
     routes[i] = {
-      match, alpn: kind === 2 ? { kind: 'none' } : null, source: 'bench',
+      match, alpn: kind === 2 ? { kind: 'none' } : null, source: 'bench', namespace: null,
       backend: { name: `turn-${i % 1000}`, addrs: [`10.${(i >> 16) & 255}.${(i >> 8) & 255}.${i & 255}:${p}`], proxyProtocol: null },
     };
   }

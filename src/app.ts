@@ -14,7 +14,8 @@ import { createLogger, type Logger } from './log.ts';
 import { AdminServer } from './metrics/admin.ts';
 import { Metrics } from './metrics/metrics.ts';
 import { type BackendHealth, RouterServer } from './router/server.ts';
-import { RouteTable, Router, alpnKey } from './router/table.ts';
+import { RouteTable, Router } from './router/table.ts';
+import { alpnKey } from './model/route.ts';
 import { Composer } from './sources/composer.ts';
 import { createSources } from './sources/index.ts';
 
@@ -166,6 +167,7 @@ export class App {
         match: r.match,
         alpn: r.alpn === null ? null : r.alpn.kind === 'list' ? r.alpn.protocols : r.alpn.kind,
         source: r.source,
+        namespace: r.namespace,
         backend: backendView(r.backend),
       })),
       conflicts: this.composer.conflicts().map((c) => ({

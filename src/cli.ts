@@ -8,7 +8,8 @@ import { inspectCertwatch } from './certwatch/inspect.ts';
 import { ConfigError, loadConfig, parseRoutesFile } from './config/load.ts';
 import type { Config } from './config/types.ts';
 import { redactUrl } from './log.ts';
-import { type RouteSpec, RouteTable, alpnKey } from './router/table.ts';
+import { RouteTable } from './router/table.ts';
+import { type RouteSpec, describeRoute } from './model/route.ts';
 
 const HELP = `sni-router: routes TLS connections by SNI and ALPN without terminating TLS
 
@@ -67,12 +68,6 @@ export function parseArgs(argv: readonly string[], env: NodeJS.ProcessEnv): Args
   return { command: command ?? 'run', config };
 }
 
-function describeRoute(r: RouteSpec): string {
-  const alpn = alpnKey(r.alpn);
-  const pp = r.backend.proxyProtocol === null ? '' : ` proxy_protocol=${r.backend.proxyProtocol}`;
-  return `  ${r.match}${alpn === '' ? '' : ` alpn=${alpn}`} -> ${r.backend.name} ${r.backend.addrs.join(',')}${pp} [${r.source}]`;
-}
-
 /** `check`: validate and print what would run. Throws ConfigError on the first problem. */
 function check(config: Config, env: NodeJS.ProcessEnv): string {
   const lines: string[] = [`${config.file}: OK`];
@@ -89,10 +84,10 @@ function check(config: Config, env: NodeJS.ProcessEnv): string {
   // The table the router would build from them: on the same match and alpn the first wins.
   const table = new RouteTable(routes, config.fallback);
   lines.push(`routes (${table.routes.length}, in precedence order):`);
-  for (const r of table.routes) lines.push(describeRoute(r));
+  for (const r of table.routes) lines.push(`  ${describeRoute(r)}`);
   if (table.conflicts.length > 0) {
     lines.push(`conflicts (${table.conflicts.length}, left out: the earlier route wins):`);
-    for (const { winner, loser } of table.conflicts) lines.push(`${describeRoute(loser)}, loses to [${winner.source}] -> ${winner.backend.name}`);
+    for (const { winner, loser } of table.conflicts) lines.push(`  ${describeRoute(loser)}, loses to [${winner.source}] -> ${winner.backend.name}`);
   }
   if (config.sources.length > 0) {
     lines.push('sources:');

@@ -115,7 +115,7 @@ routes:
 
   // A live replace: the config's routes change (what SIGHUP does), the view follows at once.
   const table = router.app.router.table;
-  const added = { match: 'www.example.com', alpn: null, backend: { name: 'site', addrs: [`127.0.0.1:${up.port}`], proxyProtocol: null }, source: 'config' };
+  const added = { match: 'www.example.com', alpn: null, backend: { name: 'site', addrs: [`127.0.0.1:${up.port}`], proxyProtocol: null }, source: 'config', namespace: null };
   router.app.composer.setConfig([...table.routes, added], table.fallback);
   v = await view();
   assert.equal(v.generation, g0 + 1);

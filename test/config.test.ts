@@ -51,7 +51,7 @@ describe('configuration', () => {
     assert.deepEqual(c.fallback, { name: 'caddy', addrs: ['127.0.0.1:8443'], proxyProtocol: null });
     assert.equal(c.routes.length, 1);
     assert.deepEqual(c.routes[0], {
-      match: 'cdn.example.com', alpn: null, source: 'config',
+      match: 'cdn.example.com', alpn: null, source: 'config', namespace: null,
       backend: { name: 'turn-tls', addrs: ['127.0.0.1:5349'], proxyProtocol: null },
     });
     assert.equal(c.admin.listen?.text, '127.0.0.1:9180');

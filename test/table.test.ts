@@ -3,9 +3,8 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import fc from 'fast-check';
 import { routeList } from '../src/config/routes.ts';
-import {
-  type RouteSpec, RouteTable, Router, alpnKey, alpnMatches, diffTables, normalizeName, patternError, routeKey,
-} from '../src/router/table.ts';
+import { RouteTable, Router, diffTables } from '../src/router/table.ts';
+import { type RouteSpec, alpnKey, alpnMatches, normalizeName, patternError, routeKey } from '../src/model/route.ts';
 
 const fallback = { name: 'caddy', addrs: ['127.0.0.1:8443'], proxyProtocol: null };
 

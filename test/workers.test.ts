@@ -9,7 +9,8 @@ import { after, before, describe, test } from 'node:test';
 import fc from 'fast-check';
 import { TablePublisher, TableReplica } from '../src/cluster/table-sync.ts';
 import { parseConfig } from '../src/config/load.ts';
-import { type AlpnCondition, type RouteSpec, RouteTable } from '../src/router/table.ts';
+import { RouteTable } from '../src/router/table.ts';
+import { type AlpnCondition, type RouteSpec } from '../src/model/route.ts';
 import {
   type CertPair, makeCert, metricValue, rawExchange, recordingBackend, sleep, startRouter, tempDir, tlsBackend, tlsHello, waitFor,
 } from './helpers.ts';
@@ -337,6 +338,7 @@ describe('table sync: a change set rebuilds the same table in the worker', () =>
     alpn: fc.constantFrom(...alpns),
     backend: fc.record({ name: fc.constantFrom('t1', 't2'), addrs: fc.constantFrom(['127.0.0.1:1'], ['127.0.0.1:2', '127.0.0.1:3']), proxyProtocol: fc.constantFrom(null, 'v2' as const) }),
     source: fc.constantFrom('config', 'file', 'redis'),
+    namespace: fc.constantFrom(null, 'acme'),
   }) as fc.Arbitrary<RouteSpec>;
   const fallback = (port: number) => ({ name: 'caddy', addrs: [`127.0.0.1:${port}`], proxyProtocol: null });
 

@@ -7,7 +7,7 @@
 // pattern and rebuild its table from them. A worker that starts gets every pattern at once.
 import type { AddressInfo } from 'node:net';
 import type { ListenAddress, ServerSettings } from '../config/types.ts';
-import type { BackendSpec, RouteSpec } from '../router/table.ts';
+import type { BackendSpec, RouteSpec } from '../model/route.ts';
 
 export interface TableChange {
   /** The primary's generation for this table. */

@@ -4,7 +4,8 @@
 // JSON parse of every route (~70 ms here) on top of building its table; a change set costs only
 // the patterns that changed. Routes are compared by identity first (the composer passes on the
 // route objects of sources that did not change), then field by field.
-import { type AlpnCondition, type BackendSpec, type RouteSpec, RouteTable, sameBackend } from '../router/table.ts';
+import { RouteTable } from '../router/table.ts';
+import { type AlpnCondition, type BackendSpec, type RouteSpec, sameBackend } from '../model/route.ts';
 import type { TableChange } from './protocol.ts';
 
 /** A pattern's routes: most patterns have one, kept as it is (no array per pattern). */
@@ -18,7 +19,7 @@ function sameAlpn(a: AlpnCondition | null, b: AlpnCondition | null): boolean {
 }
 
 function sameRoute(a: RouteSpec, b: RouteSpec): boolean {
-  return a === b || (a.match === b.match && a.source === b.source && sameAlpn(a.alpn, b.alpn) && sameBackend(a.backend, b.backend));
+  return a === b || (a.match === b.match && a.source === b.source && a.namespace === b.namespace && sameAlpn(a.alpn, b.alpn) && sameBackend(a.backend, b.backend));
 }
 
 function samePattern(a: Pattern, b: Pattern): boolean {

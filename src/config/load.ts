@@ -9,7 +9,7 @@ import { configFromValue } from './config.ts';
 import { routeList } from './routes.ts';
 import type { Config } from './types.ts';
 import { ValueError, type Path } from './values.ts';
-import type { RouteSpec } from '../router/table.ts';
+import type { RouteSpec } from '../model/route.ts';
 
 export class ConfigError extends Error {
   readonly file: string;

@@ -1,9 +1,7 @@
 // Routes and backends from plain values: the config file, a routes file, a Redis hash entry or a
 // PostgreSQL row all pass through here, so every source accepts exactly the same route shapes.
 import { isIP } from 'node:net';
-import {
-  type AlpnCondition, type BackendSpec, type ProxyProtocol, type RouteSpec, normalizeName, patternError,
-} from '../router/table.ts';
+import { type AlpnCondition, type BackendSpec, type ProxyProtocol, type RouteSpec, clip, normalizeName, patternError } from '../model/route.ts';
 import type { ListenAddress } from './types.ts';
 import { ValueError, type Path, list, nonEmpty, object, oneOf, pathText, string } from './values.ts';
 
@@ -98,7 +96,19 @@ export function matchPattern(v: unknown, path: Path): string {
   return match;
 }
 
-const ROUTE_KEYS = ['match', 'alpn', 'backend'] as const;
+const ROUTE_KEYS = ['match', 'alpn', 'backend', 'namespace'] as const;
+
+/** A namespace: one DNS label (letters, digits, '-'). */
+const NAMESPACE = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/i;
+
+export function namespaceName(v: unknown, path: Path): string {
+  const s = string(v, path);
+  if (!NAMESPACE.test(s)) {
+    throw new ValueError(path, `${pathText(path)}: namespace ${JSON.stringify(clip(s))} is not a DNS label `
+      + "(letters, digits and '-', not at either end, at most 63 characters)");
+  }
+  return s;
+}
 
 export function route(v: unknown, path: Path, source: string): RouteSpec {
   const o = object(v, path, ROUTE_KEYS);
@@ -109,6 +119,7 @@ export function route(v: unknown, path: Path, source: string): RouteSpec {
     alpn: alpnCondition(o.alpn, [...path, 'alpn']),
     backend: backend(o.backend, [...path, 'backend']),
     source,
+    namespace: o.namespace === undefined || o.namespace === null ? null : namespaceName(o.namespace, [...path, 'namespace']),
   });
 }
 

@@ -1,5 +1,5 @@
 // The typed configuration, after validation. Durations are milliseconds.
-import type { BackendSpec, RouteSpec } from '../router/table.ts';
+import type { BackendSpec, RouteSpec } from '../model/route.ts';
 
 export interface ListenAddress {
   /** undefined: every interface, IPv4 and IPv6 (":443"). */

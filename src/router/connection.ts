@@ -13,7 +13,7 @@ import { performance } from 'node:perf_hooks';
 import type { ConnectionResult } from '../metrics/metrics.ts';
 import { ClientHelloReader, type HelloVerdict } from './clienthello.ts';
 import { proxyHeader, unmapIPv4 } from './proxyprotocol.ts';
-import type { BackendSpec } from './table.ts';
+import type { BackendSpec } from '../model/route.ts';
 import type { RouterServer } from './server.ts';
 import {
   ConnectWrap, LAST_WRITE_WAS_ASYNC, READ_BYTES, ShutdownWrap, type SocketAddress, streamState, TCP, TCP_SOCKET,

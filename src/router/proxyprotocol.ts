@@ -1,7 +1,7 @@
 // PROXY protocol headers (HAProxy's proxy-protocol.txt, versions 1 and 2), sent to a backend before
 // the client's bytes so that it sees the real client address instead of the router's.
 import { isIPv4, isIPv6 } from 'node:net';
-import type { ProxyProtocol } from './table.ts';
+import type { ProxyProtocol } from '../model/route.ts';
 
 export interface Endpoints {
   readonly srcAddr: string;

@@ -14,7 +14,8 @@ import type { Logger } from '../log.ts';
 import { RateLimitedLog } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import { type ClientPeer, Connection, clientPeer } from './connection.ts';
-import type { BackendSpec, Router } from './table.ts';
+import type { Router } from './table.ts';
+import type { BackendSpec } from '../model/route.ts';
 import { NODELAY_INHERITED, type TcpHandle } from './uv.ts';
 
 /** Local conditions that say nothing about the backend's health: no cooldown for these. */

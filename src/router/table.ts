@@ -3,79 +3,9 @@
 // Lookup cost does not depend on the number of routes: an exact name is one hash lookup, and each
 // wildcard level is one more on a suffix of the name (a name has at most 127 labels). Nothing scans.
 
-/** ALPN condition of a route: absent (null) means "whatever the client offers". */
-export type AlpnCondition =
-  | { readonly kind: 'none' } // offers no ALPN
-  | { readonly kind: 'any' } // offers at least one protocol
-  | { readonly kind: 'list'; readonly protocols: readonly string[] }; // offers at least one of these
-
-export type ProxyProtocol = 'v1' | 'v2';
-
-export interface BackendSpec {
-  readonly name: string;
-  /** "host:port" or "[v6]:port", tried in order. */
-  readonly addrs: readonly string[];
-  readonly proxyProtocol: ProxyProtocol | null;
-}
-
-export interface RouteSpec {
-  /** Normalized pattern: "name", "*.suffix" or "**.suffix". */
-  readonly match: string;
-  readonly alpn: AlpnCondition | null;
-  readonly backend: BackendSpec;
-  /** Where the route came from: "config", or a source's name. */
-  readonly source: string;
-}
-
-/** Lowercases and removes one trailing dot, as the contract says for SNI and patterns alike. */
-export function normalizeName(name: string): string {
-  const lower = name.toLowerCase();
-  return lower.endsWith('.') ? lower.slice(0, -1) : lower;
-}
-
-const LABEL = /^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$/;
-
-/** Returns an error message for a pattern that cannot match anything sensible, else null. */
-export function patternError(match: string): string | null {
-  if (match.length === 0) return 'match is empty';
-  let rest = match;
-  if (match.startsWith('**.')) rest = match.slice(3);
-  else if (match.startsWith('*.')) rest = match.slice(2);
-  if (rest.length === 0 || rest.length > 253) return `match "${match}" has no valid name after the wildcard`;
-  for (const label of rest.split('.')) {
-    if (!LABEL.test(label)) {
-      return label.includes('*')
-        ? `match "${match}": a wildcard is allowed only as the first label ("*." or "**.")`
-        : `match "${match}": "${label}" is not a valid DNS label`;
-    }
-  }
-  return null;
-}
-
-/** A stable key for "same match and same alpn", the unit of conflict between sources. */
-export function routeKey(route: Pick<RouteSpec, 'match' | 'alpn'>): string {
-  return `${route.match}|${alpnKey(route.alpn)}`;
-}
-
-export function alpnKey(alpn: AlpnCondition | null): string {
-  if (alpn === null) return '';
-  if (alpn.kind === 'list') return `[${alpn.protocols.join(',')}]`;
-  return alpn.kind;
-}
-
-export function alpnMatches(cond: AlpnCondition | null, offered: readonly string[] | null): boolean {
-  if (cond === null) return true;
-  switch (cond.kind) {
-    case 'none':
-      return offered === null || offered.length === 0;
-    case 'any':
-      return offered !== null && offered.length > 0;
-    case 'list':
-      if (offered === null) return false;
-      for (const p of cond.protocols) if (offered.includes(p)) return true;
-      return false;
-  }
-}
+import {
+  type BackendSpec, type RouteSpec, alpnKey, alpnMatches, sameBackend,
+} from '../model/route.ts';
 
 export interface RouteConflict {
   readonly winner: RouteSpec;
@@ -261,15 +191,7 @@ function diffPattern(prev: readonly RouteSpec[], next: readonly RouteSpec[], dif
 
 /** Two routes of the same match and alpn that send to the same backend from the same source. */
 function sameTarget(a: RouteSpec, b: RouteSpec): boolean {
-  return a === b || (a.source === b.source && sameBackend(a.backend, b.backend));
-}
-
-/** Same name, addresses (in order) and PROXY protocol version. */
-export function sameBackend(a: BackendSpec, b: BackendSpec): boolean {
-  if (a === b) return true;
-  if (a.name !== b.name || a.proxyProtocol !== b.proxyProtocol || a.addrs.length !== b.addrs.length) return false;
-  for (let i = 0; i < a.addrs.length; i++) if (a.addrs[i] !== b.addrs[i]) return false;
-  return true;
+  return a === b || (a.source === b.source && a.namespace === b.namespace && sameBackend(a.backend, b.backend));
 }
 
 function pick(list: RouteSpec[] | undefined, alpn: readonly string[] | null): RouteSpec | null {

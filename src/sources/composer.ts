@@ -3,9 +3,10 @@
 // coalesced for a few tens of milliseconds; a merge that changes nothing is not applied.
 import type { Logger } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
+import { type RouteConflict, RouteTable, type Router, diffTables } from '../router/table.ts';
 import {
-  type BackendSpec, type RouteConflict, type RouteSpec, RouteTable, type Router, alpnKey, diffTables, routeKey, sameBackend,
-} from '../router/table.ts';
+  type BackendSpec, type RouteSpec, alpnKey, describeBackend, describeRoute, routeKey, sameBackend,
+} from '../model/route.ts';
 import type { RouteSource, Snapshot, SourceSink, SourceStatus } from './source.ts';
 
 export interface ComposerOptions {
@@ -239,13 +240,3 @@ export class Composer {
     this.#conflicts = table.conflicts;
   }
 }
-
-function describeBackend(b: BackendSpec): string {
-  return `${b.name} ${b.addrs.join(',')}${b.proxyProtocol === null ? '' : ` proxy_protocol=${b.proxyProtocol}`}`;
-}
-
-function describeRoute(r: RouteSpec): string {
-  const alpn = alpnKey(r.alpn);
-  return `${r.match}${alpn === '' ? '' : ` alpn=${alpn}`} -> ${describeBackend(r.backend)} (${r.source})`;
-}
-

@@ -15,7 +15,7 @@ import { type FSWatcher, watch } from 'chokidar';
 import type { FileSourceConfig } from '../config/types.ts';
 import { parseRoutesFile } from '../config/load.ts';
 import type { Logger } from '../log.ts';
-import type { RouteSpec } from '../router/table.ts';
+import type { RouteSpec } from '../model/route.ts';
 import type { RouteSource, SourceSink } from './source.ts';
 
 /** Quiet time after the last event before reading: a truncate and its write, a swap's renames. */

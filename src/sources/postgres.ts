@@ -16,7 +16,7 @@ import { route } from '../config/routes.ts';
 import type { PostgresSourceConfig } from '../config/types.ts';
 import { type Logger, redactUrl } from '../log.ts';
 import { backoffMs } from './backoff.ts';
-import { type AlpnCondition, type RouteSpec, alpnKey } from '../router/table.ts';
+import { type AlpnCondition, type RouteSpec, alpnKey } from '../model/route.ts';
 import type { InvalidEntry, RouteSource, Snapshot, SourceSink } from './source.ts';
 
 const RETRY_MIN_MS = 200;
@@ -388,7 +388,7 @@ export function snapshotFromRows(rows: readonly Record<string, unknown>[], sourc
       const backend: Record<string, unknown> = addrs === null ? { addr } : { addrs };
       if (row.name !== undefined && row.name !== null) backend.name = row.name;
       if (row.proxy_protocol !== undefined && row.proxy_protocol !== null) backend.proxy_protocol = row.proxy_protocol;
-      routes.push(route({ match: row.match, alpn: alpnColumn(row.alpn), backend }, [], source));
+      routes.push(route({ match: row.match, alpn: alpnColumn(row.alpn), backend, namespace: row.namespace }, [], source));
     } catch (err) {
       invalid.push({ entry: typeof row.match === 'string' ? `match ${row.match}` : `row ${i + 1}`, error: (err as Error).message });
     }
@@ -411,6 +411,7 @@ function plainRoute(r: RouteSpec): unknown {
   return {
     match: r.match,
     ...(r.alpn === null ? {} : { alpn: plainAlpn(r.alpn) }),
+    ...(r.namespace === null ? {} : { namespace: r.namespace }),
     backend: {
       name: r.backend.name,
       addrs: r.backend.addrs,

@@ -8,7 +8,7 @@ import { route } from '../config/routes.ts';
 import type { RedisSourceConfig } from '../config/types.ts';
 import { type Logger, redactUrl } from '../log.ts';
 import { backoffMs } from './backoff.ts';
-import type { RouteSpec } from '../router/table.ts';
+import type { RouteSpec } from '../model/route.ts';
 import type { InvalidEntry, RouteSource, Snapshot, SourceSink } from './source.ts';
 
 const RETRY_MIN_MS = 100;

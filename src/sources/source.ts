@@ -1,7 +1,7 @@
 // A route source: something that knows a set of routes and tells when it changes. It yields whole
 // snapshots (never deltas) and reports failures; it knows nothing of the router, the table or the
 // other sources. The composer owns precedence, last-known-good and debounce.
-import type { RouteSpec } from '../router/table.ts';
+import type { RouteSpec } from '../model/route.ts';
 
 export interface InvalidEntry {
   /** What the entry was called where it came from: a hash field, a row's match, a list index. */
