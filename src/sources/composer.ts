@@ -45,6 +45,8 @@ export class Composer {
   #conflicts: readonly RouteConflict[] = [];
   /** True until the routes and generation gauges describe the live table and its sources. */
   #gaugesStale = true;
+  /** Merges run (each builds a table): an unchanged read must not add one. */
+  #merges = 0;
 
   constructor(opts: ComposerOptions) {
     this.#router = opts.router;
@@ -105,6 +107,11 @@ export class Composer {
     return this.#conflicts;
   }
 
+  /** How many times the sources were merged into a new table (built, then swapped or not). */
+  get merges(): number {
+    return this.#merges;
+  }
+
   statuses(): SourceStatus[] {
     return this.#sources.map((t) => t.status);
   }
@@ -118,17 +125,24 @@ export class Composer {
 
   #sinkFor(t: Tracked): SourceSink {
     const name = t.source.name;
+    const readOk = (routes: number) => {
+      const now = Date.now();
+      t.status = { ...t.status, state: 'ok', failingSince: null, lastSuccess: now, lastError: null, routes };
+      this.#metrics.sourceUpdates.inc({ source: name, result: 'ok' });
+      this.#metrics.sourceLastSuccess.set({ source: name }, now / 1000);
+      this.#metrics.sourceUp.set({ source: name }, 1);
+    };
     return {
+      unchanged: () => {
+        if (this.#stopped || !this.#sources.includes(t) || t.snapshot === null) return;
+        readOk(t.snapshot.routes.length);
+      },
       snapshot: (snapshot) => {
         if (this.#stopped || !this.#sources.includes(t)) return;
-        const now = Date.now();
         const before = t.snapshot;
         t.snapshot = snapshot;
         if (snapshot.origin === undefined) {
-          t.status = { ...t.status, state: 'ok', failingSince: null, lastSuccess: now, lastError: null, routes: snapshot.routes.length };
-          this.#metrics.sourceUpdates.inc({ source: name, result: 'ok' });
-          this.#metrics.sourceLastSuccess.set({ source: name }, now / 1000);
-          this.#metrics.sourceUp.set({ source: name }, 1);
+          readOk(snapshot.routes.length);
         } else {
           // Served from a copy (PostgreSQL's cache file) while the source itself has not answered:
           // its routes apply, but it is no read of the source: not up, no success.
@@ -186,6 +200,7 @@ export class Composer {
       clearTimeout(this.#timer);
       this.#timer = null;
     }
+    this.#merges++;
     // concat, not push(...routes): a spread passes every route as an argument, and a source with
     // 125,000 routes overflows the stack.
     let merged: readonly RouteSpec[] = this.#configRoutes;

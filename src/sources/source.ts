@@ -21,6 +21,11 @@ export interface Snapshot {
 export interface SourceSink {
   /** A complete, good snapshot. */
   snapshot(snapshot: Snapshot): void;
+  /**
+   * A good read that found exactly what the last snapshot holds (its digest matched): the source
+   * is healthy and nothing is merged, validated or rebuilt.
+   */
+  unchanged(): void;
   /** Reading failed; the last good snapshot stays live. */
   failure(err: Error): void;
 }
