@@ -1,9 +1,14 @@
 // YAML text to plain values, remembering where each value stood so that every error can be
-// printed as FILE:LINE:COL. ${NAME} in a string is replaced from the environment here.
+// printed as FILE:LINE:COL. ${NAME} in a string is replaced from the environment here, as text.
+//
+// The conversion is our own (the positions need it), so it also does what the YAML library's
+// toJS() would guard: aliases are resolved through one index built in a single pass (the
+// library's Alias.resolve() walks the whole document per alias), and what aliases expand to is
+// bounded, so a few hundred bytes of nested aliases (a "billion laughs") are refused at once
+// instead of expanding on the main thread.
 import { readFileSync } from 'node:fs';
 import {
-  type Document, LineCounter, type Node, type ParsedNode, Scalar, isAlias, isMap, isScalar, isSeq, parse,
-  parseDocument,
+  type Alias, LineCounter, type Node, type ParsedNode, isAlias, isMap, isScalar, isSeq, parseDocument, visit,
 } from 'yaml';
 import { configFromValue } from './config.ts';
 import { routeList } from './routes.ts';
@@ -30,6 +35,10 @@ interface Located {
 }
 
 const ENV_REF = /\$\{([A-Za-z_][A-Za-z0-9_]*)\}/g;
+/** Nodes that aliases may add beyond the document's own: at least this many, ... */
+const ALIAS_EXPANSION_MIN = 100_000;
+/** ... or this many times the document's own node count. */
+const ALIAS_EXPANSION_FACTOR = 2;
 
 function pathKey(path: Path): string {
   return path.join('\u0000');
@@ -51,43 +60,58 @@ export function parseYaml(text: string, file: string, env: NodeJS.ProcessEnv = p
   const valuePos = new Map<string, number>();
   const keyPos = new Map<string, number>();
 
-  const convert = (node: unknown, path: Path, depth: number): unknown => {
-    if (depth > 64) throw new ValueError(path, 'the document nests too deeply');
-    if (isAlias(node)) return convert(node.resolve(doc as Document.Parsed), path, depth + 1);
+  // Each alias's anchor, in one pass in document order: the nearest anchor of that name before it.
+  const anchors = new Map<string, Node>();
+  const aliasTarget = new Map<Alias, Node | undefined>();
+  let nodes = 0;
+  visit(doc, {
+    Node: (_key, node) => {
+      nodes++;
+      if (isAlias(node)) aliasTarget.set(node, anchors.get(node.source));
+      else if (node.anchor !== undefined) anchors.set(node.anchor, node);
+    },
+  });
+  const expansionBudget = Math.max(ALIAS_EXPANSION_MIN, ALIAS_EXPANSION_FACTOR * nodes);
+  let expanded = 0;
+
+  const convert = (node: unknown, path: Path, depth: number, viaAlias: boolean): unknown => {
+    if (depth > 64) throw new ValueError(path, 'the document nests too deeply (or an alias refers to itself)');
+    if (viaAlias && ++expanded > expansionBudget) {
+      throw new ValueError(path, `aliases expand to more than ${expansionBudget} values: refused (an alias bomb?)`);
+    }
+    if (isAlias(node)) {
+      const target = aliasTarget.get(node);
+      if (target === undefined) throw new ValueError(path, `alias *${node.source} has no anchor before it`);
+      return convert(target, path, depth + 1, true);
+    }
     const n = node as Node | null;
     if (n?.range) valuePos.set(pathKey(path), n.range[0]);
     if (n === null || n === undefined) return null;
     if (isMap(n)) {
       const out: Record<string, unknown> = {};
       for (const pair of n.items) {
-        const k = isScalar(pair.key) ? String(pair.key.value) : String(pair.key);
+        if (!isScalar(pair.key)) throw new ValueError(path, 'a mapping key must be a plain value (not a list, mapping or alias)');
+        const k = String(pair.key.value);
         const kp = [...path, k];
         const keyNode = pair.key as ParsedNode | null;
         if (keyNode?.range) keyPos.set(pathKey(kp), keyNode.range[0]);
-        out[k] = convert(pair.value, kp, depth + 1);
+        out[k] = convert(pair.value, kp, depth + 1, viaAlias);
         if (!valuePos.has(pathKey(kp)) && keyNode?.range) valuePos.set(pathKey(kp), keyNode.range[0]);
       }
       return out;
     }
-    if (isSeq(n)) return n.items.map((item, i) => convert(item, [...path, i], depth + 1));
+    if (isSeq(n)) return n.items.map((item, i) => convert(item, [...path, i], depth + 1, viaAlias));
     if (isScalar(n)) {
       if (typeof n.value !== 'string' || !n.value.includes('${')) return n.value;
       let missing: string | null = null;
+      // As text, whatever the variable holds: never parsed as YAML ("turn #1" stays whole, "0x10"
+      // stays a string). A key that wants a number or a boolean reads the text (values.ts).
       const replaced = n.value.replace(ENV_REF, (_, name: string) => {
         const v = env[name];
         if (v === undefined) missing ??= name;
         return v ?? '';
       });
       if (missing !== null) throw new ValueError(path, `environment variable ${missing} is not set`);
-      // An unquoted ${PORT} stands for whatever the variable holds: a number stays a number.
-      if (n.type === Scalar.PLAIN) {
-        try {
-          const typed: unknown = parse(replaced);
-          if (typed === null || typeof typed !== 'object') return typed ?? replaced;
-        } catch {
-          // Not a YAML scalar on its own: keep it as text.
-        }
-      }
       return replaced;
     }
     return null;
@@ -102,7 +126,7 @@ export function parseYaml(text: string, file: string, env: NodeJS.ProcessEnv = p
   };
 
   try {
-    return { value: convert(doc.contents, [], 0), position };
+    return { value: convert(doc.contents, [], 0, false), position };
   } catch (err) {
     if (err instanceof ValueError) {
       const p = position(err.path, err.atKey);

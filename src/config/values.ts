@@ -1,5 +1,8 @@
 // Small validators over plain values (parsed YAML or JSON). Each error carries the path of the
 // value it is about, so a YAML loader can turn it into FILE:LINE:COL and a source into a log field.
+// Values may come from anyone who can write a source (a Redis field, a database row): an error
+// message quotes at most a clipped piece of a value, never all of it.
+import { clip } from '../model/route.ts';
 
 export type Path = ReadonlyArray<string | number>;
 
@@ -16,14 +19,14 @@ export class ValueError extends Error {
 
 export function pathText(path: Path): string {
   let out = '';
-  for (const seg of path) out += typeof seg === 'number' ? `[${seg}]` : out === '' ? seg : `.${seg}`;
+  for (const seg of path) out += typeof seg === 'number' ? `[${seg}]` : out === '' ? clip(seg, 64) : `.${clip(seg, 64)}`;
   return out;
 }
 
 function describe(v: unknown): string {
   if (v === null || v === undefined) return 'nothing';
   if (Array.isArray(v)) return 'a list';
-  return typeof v === 'object' ? 'a mapping' : `${typeof v} ${JSON.stringify(v)}`;
+  return typeof v === 'object' ? 'a mapping' : `${typeof v} ${clip(JSON.stringify(v) ?? String(v))}`;
 }
 
 /** A mapping whose keys must all be in `allowed`. */
@@ -35,7 +38,7 @@ export function object(v: unknown, path: Path, allowed: readonly string[]): Reco
   for (const k of Object.keys(o)) {
     if (!allowed.includes(k)) {
       const where = path.length === 0 ? '' : ` in ${pathText(path)}`;
-      throw new ValueError([...path, k], `unknown key "${k}"${where} (allowed: ${allowed.join(', ')})`, true);
+      throw new ValueError([...path, k], `unknown key "${clip(k, 64)}"${where} (allowed: ${allowed.join(', ')})`, true);
     }
   }
   return o;
@@ -59,14 +62,21 @@ export function nonEmpty(v: unknown, path: Path): string {
   return s;
 }
 
+/**
+ * A whole number. A decimal string is one too: `${ENV}` values arrive as strings (never parsed as
+ * YAML), and a key that wants a number takes the number the string spells.
+ */
 export function integer(v: unknown, path: Path, min: number, max = Number.MAX_SAFE_INTEGER): number {
+  if (typeof v === 'string' && /^\d{1,15}$/.test(v.trim())) v = Number(v.trim());
   if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) {
     throw new ValueError(path, `${pathText(path)} must be a whole number from ${min} to ${max}, got ${describe(v)}`);
   }
   return v;
 }
 
+/** true or false; the strings "true" and "false" too (a `${ENV}` value is a string). */
 export function boolean(v: unknown, path: Path): boolean {
+  if (v === 'true' || v === 'false') return v === 'true';
   if (typeof v !== 'boolean') throw new ValueError(path, `${pathText(path)} must be true or false, got ${describe(v)}`);
   return v;
 }
@@ -74,7 +84,7 @@ export function boolean(v: unknown, path: Path): boolean {
 export function oneOf<T extends string>(v: unknown, path: Path, choices: readonly T[]): T {
   const s = string(v, path);
   if (!(choices as readonly string[]).includes(s)) {
-    throw new ValueError(path, `${pathText(path)} must be one of ${choices.join(', ')}, got "${s}"`);
+    throw new ValueError(path, `${pathText(path)} must be one of ${choices.join(', ')}, got "${clip(s)}"`);
   }
   return s as T;
 }
@@ -98,12 +108,19 @@ export function parseDuration(text: string): number | null {
   return i === 0 ? null : total;
 }
 
+/**
+ * The longest duration a timer can hold: Node turns a longer setTimeout into 1 ms (with a warning),
+ * so a poll interval of "9999h" would become a busy loop.
+ */
+export const MAX_DURATION_MS = 2 ** 31 - 1;
+
 export function duration(v: unknown, path: Path): number {
   if (v === 0) return 0;
   const s = string(v, path);
   const ms = parseDuration(s);
   if (ms === null) {
-    throw new ValueError(path, `${pathText(path)} must be a duration like 250ms, 5s or 2m, got "${s}"`);
+    throw new ValueError(path, `${pathText(path)} must be a duration like 250ms, 5s or 2m, got "${clip(s)}"`);
   }
+  if (ms > MAX_DURATION_MS) throw new ValueError(path, `${pathText(path)} must be at most 24 days, got "${clip(s)}"`);
   return ms;
 }

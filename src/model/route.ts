@@ -101,3 +101,8 @@ export function describeRoute(r: RouteSpec): string {
 export function clip(text: string, max = 80): string {
   return text.length <= max ? text : `${text.slice(0, max)}… (${text.length} characters)`;
 }
+
+/** A value in double quotes for an error message: clipped, and every non-ASCII or control character escaped. */
+export function quote(text: string, max = 80): string {
+  return JSON.stringify(clip(text, max)).replace(/[\u007f-\uffff]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`);
+}
