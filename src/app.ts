@@ -10,7 +10,9 @@ import { WorkerPool, type WorkerStatus } from './cluster/pool.ts';
 import type { WorkerStats } from './cluster/protocol.ts';
 import { loadConfig } from './config/load.ts';
 import type { Config } from './config/types.ts';
+import { localInterfaceAddresses } from './host.ts';
 import { createLogger, type Logger } from './log.ts';
+import { isOwnAddress } from './model/self-address.ts';
 import { AdminServer } from './metrics/admin.ts';
 import { Metrics } from './metrics/metrics.ts';
 import { type BackendHealth, RouterServer } from './router/server.ts';
@@ -35,6 +37,18 @@ export interface DataPlane {
   drain(graceMs: number): Promise<void>;
 }
 
+/**
+ * Whether a backend address is one the router listens on, by the addresses actually bound (a
+ * configured port 0 is known only then). The port is compared first: a source's snapshot of
+ * 100,000 routes is filtered through this.
+ */
+function ownAddressCheck(bound: readonly AddressInfo[]): (addr: string) => boolean {
+  const listen = bound.map((a) => ({ host: a.address, port: a.port }));
+  const ports = new Set(listen.map((l) => l.port));
+  const localIps = localInterfaceAddresses();
+  return (addr) => ports.has(Number(addr.slice(addr.lastIndexOf(':') + 1))) && isOwnAddress(addr, listen, localIps);
+}
+
 export class App {
   config: Config;
   readonly logger: Logger;
@@ -50,6 +64,10 @@ export class App {
   #admin: AdminServer | null = null;
   #certwatch: CertwatchHandle | null = null;
   #listening = false;
+  /** Reloads run one at a time: the one running, then at most one more that every SIGHUP meanwhile joins. */
+  #reloadChain: Promise<unknown> = Promise.resolve();
+  #reloadWaiting: Promise<boolean> | null = null;
+  #stopping = false;
   listenAddresses: AddressInfo[] = [];
   adminAddress: AddressInfo | null = null;
 
@@ -98,6 +116,7 @@ export class App {
     await this.composer.setSources(createSources(config.sources, { logger: this.logger }));
     this.#certwatch = await startCertwatch(config.certwatch, { logger: this.logger, metrics: this.metrics, env: this.#env });
     this.listenAddresses = this.#pool !== null ? await this.#pool.start() : await this.#local!.listen(config.listen);
+    this.composer.setSelfCheck(ownAddressCheck(this.listenAddresses));
     this.#listening = true;
     this.logger.info({
       listen: this.listenAddresses.map((a) => (a.family === 'IPv6' ? `[${a.address}]:${a.port}` : `${a.address}:${a.port}`)),
@@ -189,8 +208,24 @@ export class App {
   /**
    * SIGHUP: re-read the config file and resync every source. A file that does not load is
    * rejected whole and the running table kept. Listen addresses need a restart to change.
+   *
+   * Reloads never overlap: two interleaved ones would each replace the sources, and the sources one
+   * created while the other was replacing them would be left running (and connected) for good. A
+   * SIGHUP during a reload queues one more, which reads the file as it is when it begins; further
+   * SIGHUPs before it begins join it.
    */
-  async reload(): Promise<boolean> {
+  reload(): Promise<boolean> {
+    if (this.#reloadWaiting !== null) return this.#reloadWaiting;
+    const next = this.#reloadChain.then(() => {
+      this.#reloadWaiting = null;
+      return this.#stopping ? false : this.#reloadNow();
+    });
+    this.#reloadWaiting = next;
+    this.#reloadChain = next.catch(() => {});
+    return next;
+  }
+
+  async #reloadNow(): Promise<boolean> {
     let next: Config;
     try {
       next = loadConfig(this.config.file, this.#env);
@@ -229,8 +264,11 @@ export class App {
 
   /** Stops accepting, drains for up to graceMs, then closes everything else. */
   async shutdown(graceMs = this.config.server.shutdownGraceMs): Promise<void> {
+    this.#stopping = true;
     this.logger.info({ grace_ms: graceMs, open: this.server.activeConnections }, 'shutting down');
     await this.server.drain(graceMs);
+    // A reload under way finishes first, so that nothing it starts outlives the stop.
+    await this.#reloadChain;
     await this.composer.stop();
     await this.#certwatch?.stop();
     await this.#admin?.close();

@@ -5,9 +5,10 @@ import type { Logger } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import { type RouteConflict, RouteTable, type Router, diffTables } from '../router/table.ts';
 import {
-  type BackendSpec, type RouteSpec, alpnKey, describeBackend, describeRoute, routeKey, sameBackend,
+  type BackendSpec, type RouteSpec, alpnKey, clip, describeBackend, describeRoute, routeKey, sameBackend,
 } from '../model/route.ts';
-import type { RouteSource, Snapshot, SourceSink, SourceStatus } from './source.ts';
+import { selfMessage } from '../model/self-address.ts';
+import type { InvalidEntry, RouteSource, Snapshot, SourceSink, SourceStatus } from './source.ts';
 
 export interface ComposerOptions {
   readonly router: Router;
@@ -19,9 +20,17 @@ export interface ComposerOptions {
 
 interface Tracked {
   readonly source: RouteSource;
+  /** The last good snapshot as the source gave it. */
+  raw: Snapshot | null;
+  /** The same, less the routes to the router itself (moved to its invalid entries). */
   snapshot: Snapshot | null;
   status: SourceStatus;
+  /** The current outage: failures reported, and the distinct errors already logged (a few). */
+  outage: { failures: number; logged: Set<string> } | null;
 }
+
+/** Distinct errors of one outage logged as warnings; more than this are debug. */
+const OUTAGE_MESSAGES = 4;
 
 /** The routes that came from config, the first in precedence. */
 export const CONFIG_SOURCE = 'config';
@@ -47,6 +56,8 @@ export class Composer {
   #gaugesStale = true;
   /** Merges run (each builds a table): an unchanged read must not add one. */
   #merges = 0;
+  /** Whether a backend address is the router's own (set once the router knows where it listens). */
+  #isSelf: (addr: string) => boolean = () => false;
 
   constructor(opts: ComposerOptions) {
     this.#router = opts.router;
@@ -66,19 +77,22 @@ export class Composer {
   /** Replaces the set of sources (in precedence order): stops the old ones, starts the new. */
   async setSources(sources: readonly RouteSource[]): Promise<void> {
     const old = this.#sources;
-    this.#sources = sources.map((source) => {
+    const next = sources.map((source): Tracked => {
       // A source that is only reconfigured (same name and type) keeps serving its last good
       // snapshot until the new one reads: a reload during an outage must not drop its routes.
       const previous = old.find((t) => t.source.name === source.name && t.source.type === source.type);
       return {
         source,
+        raw: previous?.raw ?? null,
         snapshot: previous?.snapshot ?? null,
         status: {
           name: source.name, type: source.type, state: 'starting', failingSince: null,
           lastSuccess: previous?.status.lastSuccess ?? null, lastError: null, routes: previous?.snapshot?.routes.length ?? 0,
         },
+        outage: null,
       };
     });
+    this.#sources = next;
     await Promise.all(old.map((t) => t.source.stop().catch((err: Error) => {
       this.#logger.warn({ source: t.source.name, err: err.message }, 'source did not stop cleanly');
     })));
@@ -90,12 +104,40 @@ export class Composer {
       this.#metrics.sourceLastSuccess.remove({ source: name });
     }
     this.#gaugesStale = true;
-    await Promise.all(this.#sources.map((t) => t.source.start(this.#sinkFor(t)).catch((err: Error) => {
+    // These, not whatever #sources holds by now: a source is started by the call that made it.
+    await Promise.all(next.map((t) => t.source.start(this.#sinkFor(t)).catch((err: Error) => {
       this.#sinkFor(t).failure(err);
     })));
     // At once, not coalesced: at start the first table must hold what the sources read before
     // the router listens.
     this.applyNow();
+  }
+
+  /**
+   * Tells the composer which backend addresses are the router's own: a source's route to one is
+   * skipped as an invalid entry (it would make every connection to it connect to the router again).
+   */
+  setSelfCheck(isSelf: (addr: string) => boolean): void {
+    this.#isSelf = isSelf;
+    for (const t of this.#sources) if (t.raw !== null) t.snapshot = this.#withoutSelf(t.raw, t.source.name, t.snapshot);
+    this.schedule();
+  }
+
+  /** The snapshot less its routes to the router itself, which join its invalid entries (logged when new). */
+  #withoutSelf(raw: Snapshot, source: string, before: Snapshot | null): Snapshot {
+    const self: InvalidEntry[] = [];
+    const routes = raw.routes.filter((r) => {
+      const addr = r.backend.addrs.find(this.#isSelf);
+      if (addr === undefined) return true;
+      self.push({ entry: r.match, error: selfMessage('backend', addr) });
+      return false;
+    });
+    if (self.length === 0) return raw;
+    const known = new Set((before?.invalid ?? []).map((bad) => bad.entry));
+    for (const bad of self) {
+      if (!known.has(bad.entry)) this.#logger.warn({ source, entry: bad.entry, err: bad.error }, 'skipped invalid route entry');
+    }
+    return { ...raw, routes, invalid: raw.invalid.concat(self) };
   }
 
   resyncAll(): void {
@@ -127,6 +169,12 @@ export class Composer {
     const name = t.source.name;
     const readOk = (routes: number) => {
       const now = Date.now();
+      if (t.outage !== null) {
+        this.#logger.info({
+          source: name, failures: t.outage.failures, failed_ms: now - (t.status.failingSince ?? now),
+        }, 'source recovered');
+        t.outage = null;
+      }
       t.status = { ...t.status, state: 'ok', failingSince: null, lastSuccess: now, lastError: null, routes };
       this.#metrics.sourceUpdates.inc({ source: name, result: 'ok' });
       this.#metrics.sourceLastSuccess.set({ source: name }, now / 1000);
@@ -136,11 +184,13 @@ export class Composer {
       unchanged: () => {
         if (this.#stopped || !this.#sources.includes(t) || t.snapshot === null) return;
         readOk(t.snapshot.routes.length);
+        if (t.snapshot.invalid.length > 0) this.#metrics.sourceInvalidEntries.inc({ source: name }, t.snapshot.invalid.length);
       },
-      snapshot: (snapshot) => {
+      snapshot: (raw) => {
         if (this.#stopped || !this.#sources.includes(t)) return;
         const before = t.snapshot;
-        t.snapshot = snapshot;
+        t.raw = raw;
+        const snapshot = t.snapshot = this.#withoutSelf(raw, name, before);
         if (snapshot.origin === undefined) {
           readOk(snapshot.routes.length);
         } else {
@@ -154,26 +204,30 @@ export class Composer {
           // Counted on every read (an alert on the rate lasts as long as the entry stays bad), but
           // logged only when new: a poll every few seconds must not repeat the same warning.
           const known = new Set((before?.invalid ?? []).map((bad) => `${bad.entry}\u0000${bad.error}`));
-          const fresh = snapshot.invalid.filter((bad) => !known.has(`${bad.entry}\u0000${bad.error}`));
+          const fresh = raw.invalid.filter((bad) => !known.has(`${bad.entry}\u0000${bad.error}`));
           for (const bad of fresh.slice(0, 20)) {
-            this.#logger.warn({ source: name, entry: bad.entry, err: bad.error }, 'skipped invalid route entry');
+            this.#logger.warn({ source: name, entry: clip(bad.entry, 200), err: clip(bad.error, 500) }, 'skipped invalid route entry');
           }
         }
         this.schedule();
       },
       failure: (err) => {
         if (this.#stopped || !this.#sources.includes(t)) return;
-        const repeat = t.status.state === 'failing' && t.status.lastError === err.message;
+        const message = clip(err.message, 500);
         t.status = {
-          ...t.status, state: 'failing', failingSince: t.status.failingSince ?? Date.now(), lastError: err.message,
+          ...t.status, state: 'failing', failingSince: t.status.failingSince ?? Date.now(), lastError: message,
         };
         this.#metrics.sourceUpdates.inc({ source: name, result: 'error' });
         this.#metrics.sourceUp.set({ source: name }, 0);
-        // A failure is a warning; the same failure again while still failing is debug, not a
-        // flood. Another error while failing (the file fixed into a new mistake, the database
-        // back with a dropped table) is news: a warning again.
-        const level = repeat ? 'debug' : 'warn';
-        this.#logger[level]({ source: name, err: err.message, routes_kept: t.snapshot?.routes.length ?? 0 },
+        // One warning when an outage begins and one line when it ends ('source recovered', with
+        // the count): a retry every few seconds must not repeat it. Another error during the
+        // outage (the file fixed into a new mistake, the database back with a dropped table) is
+        // news and warned about, once, up to a few distinct ones; the rest are debug.
+        const outage = t.outage ??= { failures: 0, logged: new Set() };
+        outage.failures++;
+        const news = !outage.logged.has(message) && outage.logged.size < OUTAGE_MESSAGES;
+        if (news) outage.logged.add(message);
+        this.#logger[news ? 'warn' : 'debug']({ source: name, err: message, routes_kept: t.snapshot?.routes.length ?? 0 },
           'source failed, keeping its last good snapshot');
       },
     };

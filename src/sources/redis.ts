@@ -3,12 +3,18 @@
 // changed, read it again". Pub/sub is fire-and-forget, so a message sent while this source was
 // disconnected is lost; the hash is therefore also read on every (re)connect of either connection
 // and every `resync_interval`, so a lost message costs at most one resync.
+//
+// Each read hashes the reply as it comes (field and value bytes, in Redis's order); a reply whose
+// digest equals the last snapshot's is reported unchanged and nothing is parsed, validated or
+// merged. A changed one is validated in slices that let connections through between them.
+import { createHash } from 'node:crypto';
 import { Redis, type RedisOptions } from 'ioredis';
 import { route } from '../config/routes.ts';
 import type { RedisSourceConfig } from '../config/types.ts';
 import { type Logger, redactUrl } from '../log.ts';
 import { backoffMs } from './backoff.ts';
-import type { RouteSpec } from '../model/route.ts';
+import { type RouteSpec, clip, quote } from '../model/route.ts';
+import { forEachSliced } from './slices.ts';
 import type { InvalidEntry, RouteSource, Snapshot, SourceSink } from './source.ts';
 
 const RETRY_MIN_MS = 100;
@@ -18,6 +24,11 @@ const CONNECT_TIMEOUT_MS = 5000;
 const COMMAND_TIMEOUT_MS = 5000;
 /** How long start() waits for the first read, so the router starts with the routes when it can. */
 const START_WAIT_MS = 3000;
+/** How long a lost subscription may be down (with the reading connection up) before a warning. */
+const SUBSCRIPTION_GRACE_MS = 2000;
+/** A field longer than any pattern, or a value longer than any route, is refused unread. */
+const MAX_FIELD_BYTES = 512;
+const MAX_VALUE_BYTES = 64 * 1024;
 
 export class RedisSource implements RouteSource {
   readonly type = 'redis' as const;
@@ -34,6 +45,12 @@ export class RedisSource implements RouteSource {
   #readAgain = false;
   #resyncTimer: NodeJS.Timeout | null = null;
   #subscriberDown = false;
+  /** The reading connection is down: its 'close' and 'error' events after the first say nothing new. */
+  #clientDown = false;
+  /** The error the current outage began with: every failed attempt of it is reported as that one. */
+  #outage: string | null = null;
+  /** Digest of the hash the last snapshot was made from (null: none yet, or a read must not be skipped). */
+  #digest: string | null = null;
   /** Settles on the first read's outcome, for start(). */
   #firstRead: (() => void) | null = null;
 
@@ -44,6 +61,8 @@ export class RedisSource implements RouteSource {
   }
 
   async start(sink: SourceSink): Promise<void> {
+    // Stopped before it started (a reload replaced it meanwhile): it must open nothing.
+    if (this.#stopped || this.#client !== null) return;
     this.#sink = sink;
     const { url, key, channel } = this.#config;
     this.#logger.info({ url: redactUrl(url), key, channel, resync_interval_ms: this.#config.resyncIntervalMs }, 'redis source starting');
@@ -65,10 +84,23 @@ export class RedisSource implements RouteSource {
     this.#client = client;
     this.#subscriber = subscriber;
 
-    client.on('ready', () => void this.#requestRead());
-    client.on('error', (err: Error) => this.#report(err));
+    client.on('ready', () => {
+      this.#clientDown = false;
+      this.#outage = null;
+      void this.#requestRead();
+    });
+    // ioredis emits 'error' and then 'close' for each failed (re)connect, with messages that
+    // alternate ("connection lost", "connect ECONNREFUSED"): one outage, described by its first
+    // error. Each attempt is reported (and counted), as that error, so the outage is logged once
+    // when it begins, and once when it ends ('source recovered', with the count).
+    client.on('error', (err: Error) => {
+      this.#clientDown = true;
+      this.#report(err);
+    });
     client.on('close', () => {
-      if (!this.#stopped) this.#report(new Error('connection lost'));
+      if (this.#stopped || this.#clientDown) return;
+      this.#clientDown = true;
+      this.#report(new Error('connection lost'));
     });
 
     subscriber.on('ready', () => {
@@ -101,6 +133,8 @@ export class RedisSource implements RouteSource {
   }
 
   resync(): void {
+    // An explicit resync (SIGHUP) reads and applies in full, whatever the digest says.
+    this.#digest = null;
     void this.#requestRead();
   }
 
@@ -144,22 +178,39 @@ export class RedisSource implements RouteSource {
       return;
     }
     if (this.#stopped) return;
-    this.#sink?.snapshot(snapshotFromHash(hash, this.name));
+    const digest = digestOf(hash);
+    if (digest === this.#digest) {
+      this.#sink?.unchanged();
+    } else {
+      const snapshot = await snapshotFromHash(hash, this.name);
+      if (this.#stopped) return;
+      this.#digest = digest;
+      this.#sink?.snapshot(snapshot);
+    }
     this.#settleFirst();
   }
 
   #report(err: Error): void {
     if (this.#stopped) return;
-    this.#sink?.failure(new Error(`redis ${redactUrl(this.#config.url)}: ${err.message}`));
+    const message = this.#clientDown ? (this.#outage ??= clip(err.message, 300)) : clip(err.message, 300);
+    this.#sink?.failure(new Error(`redis ${redactUrl(this.#config.url)}: ${message}`));
     this.#settleFirst();
   }
 
   #subscriberLost(err: Error): void {
     if (this.#stopped) return;
-    // Reads (on connect and every resync_interval) go on; changes are only seen later meanwhile.
-    this.#logger[this.#subscriberDown ? 'debug' : 'warn']({ channel: this.#config.channel, err: err.message },
-      'redis subscription lost; reconnecting');
+    const first = !this.#subscriberDown;
     this.#subscriberDown = true;
+    this.#logger.debug({ channel: this.#config.channel, err: clip(err.message, 300) }, 'redis subscription lost; reconnecting');
+    if (!first) return;
+    // Reads (on connect and every resync_interval) go on; changes are only seen later meanwhile.
+    // Worth a warning only when the subscription alone is lost: when Redis is down, the source's
+    // own failure says so, once.
+    setTimeout(() => {
+      if (this.#stopped || !this.#subscriberDown || this.#clientDown) return;
+      this.#logger.warn({ channel: this.#config.channel, err: clip(err.message, 300) },
+        'redis subscription lost; changes are seen at each resync until it is back');
+    }, SUBSCRIPTION_GRACE_MS).unref();
   }
 
   #settleFirst(): void {
@@ -169,30 +220,44 @@ export class RedisSource implements RouteSource {
   }
 }
 
+/** A digest of the reply, in Redis's order: an unchanged hash comes back in the same order. */
+function digestOf(hash: Readonly<Record<string, string>>): string {
+  const h = createHash('sha256');
+  for (const field in hash) h.update(field).update('\u0000').update(hash[field]).update('\u0001');
+  return h.digest('base64');
+}
+
 /** Hash fields to a snapshot: an entry that does not make a valid route is skipped and reported. */
-export function snapshotFromHash(hash: Readonly<Record<string, string>>, source: string): Snapshot {
+export async function snapshotFromHash(hash: Readonly<Record<string, string>>, source: string): Promise<Snapshot> {
   const routes: RouteSpec[] = [];
   const invalid: InvalidEntry[] = [];
   // Sorted, so that the same hash always yields the same snapshot whatever order Redis returns it in.
-  for (const field of Object.keys(hash).sort()) {
+  await forEachSliced(Object.keys(hash).sort(), (field) => {
     try {
-      let value: unknown;
-      try {
-        value = JSON.parse(hash[field]);
-      } catch (err) {
-        throw new Error(`value is not JSON: ${(err as Error).message}`);
-      }
-      if (value === null || typeof value !== 'object' || Array.isArray(value)) {
-        throw new Error('value must be a JSON object like {"backend":{"addr":"127.0.0.1:5349"}}');
-      }
-      const o = value as Record<string, unknown>;
-      if (o.match !== undefined && o.match !== field) throw new Error(`value's match "${String(o.match)}" differs from its field`);
-      routes.push(route({ ...o, match: field }, [], source));
+      routes.push(routeFromEntry(field, hash[field], source));
     } catch (err) {
-      invalid.push({ entry: field, error: (err as Error).message });
+      invalid.push({ entry: clip(field), error: (err as Error).message });
     }
-  }
+  });
   return { routes, invalid };
+}
+
+/** One hash entry as a route, or an error saying why not. */
+export function routeFromEntry(field: string, text: string, source: string): RouteSpec {
+  if (Buffer.byteLength(field) > MAX_FIELD_BYTES) throw new Error(`field is longer than ${MAX_FIELD_BYTES} bytes`);
+  if (text.length > MAX_VALUE_BYTES) throw new Error(`value is longer than ${MAX_VALUE_BYTES} bytes`);
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw new Error(`value is not JSON: ${clip((err as Error).message)}`);
+  }
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+    throw new Error('value must be a JSON object like {"backend":{"addr":"127.0.0.1:5349"}}');
+  }
+  const o = value as Record<string, unknown>;
+  if (o.match !== undefined && o.match !== field) throw new Error(`value's match ${quote(String(o.match))} differs from its field`);
+  return route({ ...o, match: field }, [], source);
 }
 
 /** Disconnects for good (no reconnect) and waits, briefly, for the socket to close. */
