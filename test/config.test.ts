@@ -43,7 +43,8 @@ describe('configuration', () => {
     assert.equal(c.server.backendDialTimeoutMs, 5000);
     assert.equal(c.server.maxConcurrentConns, 10000);
     assert.equal(c.server.maxConnsPerIp, 0);
-    assert.equal(c.server.idleTimeoutMs, 0);
+    assert.equal(c.server.idleTimeoutMs, 15 * 60_000, 'a relay silent for 15 minutes is reclaimed');
+    assert.equal(c.server.tcpKeepaliveMs, 60_000, 'keepalive probes after a minute of silence');
     assert.equal(c.server.shutdownGraceMs, 30000);
     assert.equal(c.server.maxClientHelloBytes, 16384);
     assert.equal(c.server.unroutable, 'fallback');
@@ -96,7 +97,7 @@ routes:
 
   test('an unknown key is an error naming the key and its line', () => {
     const e = errorOf(`${ORAMA}client_helo_timeout: 5s\n`);
-    assert.equal(e.message, 'x.yaml:13:1: unknown key "client_helo_timeout" (allowed: listen, client_hello_timeout, backend_dial_timeout, max_concurrent_conns, max_conns_per_ip, idle_timeout, shutdown_grace, max_client_hello_bytes, unroutable, acme_tls_alpn, backend_cooldown, fallback, routes, admin, log, sources, certwatch, workers)');
+    assert.equal(e.message, 'x.yaml:13:1: unknown key "client_helo_timeout" (allowed: listen, client_hello_timeout, backend_dial_timeout, max_concurrent_conns, max_conns_per_ip, idle_timeout, shutdown_grace, max_client_hello_bytes, unroutable, acme_tls_alpn, backend_cooldown, tcp_keepalive, fallback, routes, admin, log, sources, certwatch, workers)');
     const nested = errorOf(ORAMA.replace('      name: turn-tls', '      nmae: turn-tls'));
     assert.match(nested.message, /^x\.yaml:11:7: unknown key "nmae" in routes\[0\]\.backend/);
   });

@@ -7,7 +7,7 @@ import net from 'node:net';
 import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
-  type CertPair, makeCert, rawExchange, recordingBackend, sleep, tempDir, tlsBackend, tlsHello, waitFor,
+  type CertPair, makeCert, rawExchange, metricValue, recordingBackend, sleep, tempDir, tlsBackend, tlsHello, waitFor,
 } from './helpers.ts';
 import { buildHello } from './support/hellos.ts';
 
@@ -160,15 +160,18 @@ describe('signals', () => {
 });
 
 describe('hostile conditions', () => {
-  test('running out of file descriptors does not crash the process; it keeps serving once they free up', async () => {
+  test('connections never take every file descriptor: past the cap they are shed; it keeps serving once they free up', async () => {
     const rec = await recordingBackend({ reply: 'hi' });
     const file = config(join(dir, 'emfile.yaml'), `fallback: { name: rec, addr: "127.0.0.1:${rec.port}" }\n`);
     const p = await spawnRouter(file, { ulimitFiles: 100 });
     const held: net.Socket[] = [];
     try {
-      assert.ok(p.logs.some((l) => l.msg === 'file descriptor limit is low for max_concurrent_conns'), 'warned at start');
+      const warning = p.logs.find((l) => l.msg === 'file descriptor limit is low for max_concurrent_conns');
+      assert.ok(warning, 'warned at start');
+      // 100 descriptors, 64 kept for the rest of the router: (100 - 64) / 2 relays.
+      assert.equal(warning.connections_capped_at, 18);
       // One connection at a time, each held open (two descriptors in the router), until the
-      // router runs out: the dial for the last one fails with EMFILE and that client is closed.
+      // router refuses one: the cap, not a failed dial or accept (EMFILE).
       let refused = false;
       for (let i = 0; i < 100 && !refused; i++) {
         const s = net.connect({ host: '127.0.0.1', port: p.port });
@@ -181,7 +184,8 @@ describe('hostile conditions', () => {
           setTimeout(() => resolve(true), 3000);
         });
       }
-      assert.ok(refused, 'the router ran out of descriptors');
+      assert.ok(refused, 'the router refused a connection');
+      assert.equal(held.length, 19, '18 relays, the 19th refused');
       // A burst of accepts while exhausted: libuv sheds them; the process must survive.
       const burst = [...Array(50).keys()].map(() => net.connect({ host: '127.0.0.1', port: p.port }).on('error', () => {}));
       await sleep(300);
@@ -192,9 +196,10 @@ describe('hostile conditions', () => {
         const reply = await rawExchange(p.port, [buildHello({ sni: 'cdn.example.com' })], { end: false, timeoutMs: 500 });
         return reply.toString() === 'hi';
       }, 10_000, 'serving again');
-      const dialLog = p.logs.find((l) => l.msg === 'backend dial failed');
-      assert.equal(dialLog?.err, 'EMFILE');
-      // EMFILE is the router's own shortage, not the backend's: no cooldown was set.
+      assert.equal(p.logs.find((l) => l.msg === 'backend dial failed'), undefined, 'no dial ran out of descriptors');
+      const metrics = (await http(p.adminPort, '/metrics')).body;
+      assert.ok(metricValue(metrics, 'sni_router_connection_limit_rejections_total', { scope: 'global' }) >= 1);
+      assert.equal(metricValue(metrics, 'sni_router_accept_errors_total'), 0, 'no accept ran out of descriptors');
       const routes = JSON.parse((await http(p.adminPort, '/routes')).body) as { fallback: { health: Array<{ healthy: boolean }> } };
       assert.equal(routes.fallback.health[0].healthy, true);
       p.child.kill('SIGTERM');

@@ -1,7 +1,11 @@
 // The whole configuration from a plain value (parsed YAML with ${ENV} already substituted).
+import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { constants as osConstants } from 'node:os';
 import { parse as parsePostgresUrl } from 'pg-connection-string';
+import { localInterfaceAddresses } from '../host.ts';
+import type { BackendSpec } from '../model/route.ts';
+import { isOwnAddress, selfMessage } from '../model/self-address.ts';
 import { backend, listenAddress, routeList } from './routes.ts';
 import type {
   CertAction, CertwatchConfig, Config, SourceConfig,
@@ -13,8 +17,17 @@ import {
 const TOP_KEYS = [
   'listen', 'client_hello_timeout', 'backend_dial_timeout', 'max_concurrent_conns', 'max_conns_per_ip',
   'idle_timeout', 'shutdown_grace', 'max_client_hello_bytes', 'unroutable', 'acme_tls_alpn',
-  'backend_cooldown', 'fallback', 'routes', 'admin', 'log', 'sources', 'certwatch', 'workers',
+  'backend_cooldown', 'tcp_keepalive', 'fallback', 'routes', 'admin', 'log', 'sources', 'certwatch', 'workers',
 ] as const;
+
+/**
+ * A relay with no byte either way for this long is closed. Longer than anything a live TURN
+ * allocation stays silent for: a client refreshes its permissions every 5 minutes and its
+ * allocation before its lifetime (10 minutes by default) runs out, media flows every 20 ms in a call.
+ */
+export const DEFAULT_IDLE_TIMEOUT_MS = 15 * 60_000;
+/** Keepalive probes after a minute of silence: a peer that vanished is noticed ~10 s later (libuv sends 10 probes 1 s apart). */
+export const DEFAULT_TCP_KEEPALIVE_MS = 60_000;
 
 const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'] as const;
 
@@ -64,6 +77,18 @@ export function configFromValue(v: unknown, file: string): Config {
       return cw;
     });
 
+  const fallback = backend(o.fallback, ['fallback'], 'fallback');
+  const routes = routeList(o.routes, ['routes'], 'config');
+  // A backend that is the router itself: every connection to it would open another to itself.
+  const localIps = localInterfaceAddresses();
+  const own = (b: BackendSpec) => b.addrs.find((a) => isOwnAddress(a, listen, localIps));
+  const selfFallback = own(fallback);
+  if (selfFallback !== undefined) throw new ValueError(['fallback'], selfMessage('fallback', selfFallback));
+  routes.forEach((r, i) => {
+    const self = own(r.backend);
+    if (self !== undefined) throw new ValueError(['routes', i, 'backend'], selfMessage(`routes[${i}].backend`, self));
+  });
+
   const workersRaw = o.workers ?? 1;
   const workers = workersRaw === 'auto' ? availableParallelism() : integer(workersRaw, ['workers'], 1, 256);
 
@@ -75,15 +100,16 @@ export function configFromValue(v: unknown, file: string): Config {
       backendDialTimeoutMs: opt(o, 'backend_dial_timeout', [], duration, 5000),
       maxConcurrentConns: opt(o, 'max_concurrent_conns', [], (x, p) => integer(x, p, 0), 10000),
       maxConnsPerIp: opt(o, 'max_conns_per_ip', [], (x, p) => integer(x, p, 0), 0),
-      idleTimeoutMs: opt(o, 'idle_timeout', [], duration, 0),
+      idleTimeoutMs: opt(o, 'idle_timeout', [], duration, DEFAULT_IDLE_TIMEOUT_MS),
       shutdownGraceMs: opt(o, 'shutdown_grace', [], duration, 30_000),
       maxClientHelloBytes: opt(o, 'max_client_hello_bytes', [], (x, p) => integer(x, p, 512, 1 << 20), 16384),
       unroutable: opt(o, 'unroutable', [], (x, p) => oneOf(x, p, ['fallback', 'close'] as const), 'fallback'),
       acmeTlsAlpn: opt(o, 'acme_tls_alpn', [], (x, p) => oneOf(x, p, ['fallback', 'route'] as const), 'fallback'),
       dialCooldownMs: opt(o, 'backend_cooldown', [], duration, 10_000),
+      tcpKeepaliveMs: opt(o, 'tcp_keepalive', [], keepaliveDuration, DEFAULT_TCP_KEEPALIVE_MS),
     }),
-    fallback: backend(o.fallback, ['fallback'], 'fallback'),
-    routes: routeList(o.routes, ['routes'], 'config'),
+    fallback,
+    routes,
     admin: { listen: adminListen },
     log: {
       level: opt(log, 'level', ['log'], (x, p) => oneOf(x, p, LOG_LEVELS), 'info'),
@@ -93,6 +119,13 @@ export function configFromValue(v: unknown, file: string): Config {
     certwatch,
     workers,
   });
+}
+
+/** TCP_KEEPIDLE takes whole seconds, from 1 to 32767. */
+function keepaliveDuration(v: unknown, path: Path): number {
+  const ms = duration(v, path);
+  if (ms !== 0 && (ms < 1000 || ms > 32767_000)) throw new ValueError(path, `${pathText(path)} must be 0 (off) or from 1s to 9h`);
+  return Math.round(ms / 1000) * 1000;
 }
 
 const FILE_KEYS = ['type', 'name', 'path'] as const;
@@ -170,6 +203,8 @@ function sourceConfig(v: unknown, path: Path, perType: Map<string, number>): Sou
       if (!URL.canParse(url)) {
         throw new ValueError([...path, 'url'], `${pathText(path)}.url is not a valid URL (a port that is not a number, or a reserved character such as '#' not percent-encoded)`);
       }
+      const refused = redisUrlError(url);
+      if (refused !== null) throw new ValueError([...path, 'url'], `${pathText(path)}.url cannot be used: ${refused}`);
       const resyncIntervalMs = opt(o, 'resync_interval', path, duration, 30_000);
       if (resyncIntervalMs < 100) {
         throw new ValueError([...path, 'resync_interval'], `${pathText(path)}.resync_interval must be at least 100ms`);
@@ -184,6 +219,24 @@ function sourceConfig(v: unknown, path: Path, perType: Map<string, number>): Sou
       };
     }
   }
+}
+
+/**
+ * Why the Redis client would refuse `url`, or null. Asked of the client itself (ioredis, loaded only
+ * when a Redis source is configured), so that `check` and a start agree: a URL the client refuses
+ * (a password with a bad percent-escape, a port that is not a number) is a configuration error, not
+ * a source that fails at once at run time and never retries. The message never holds the URL.
+ */
+function redisUrlError(url: string): string | null {
+  const path = new URL(url).pathname;
+  if (path !== '' && path !== '/' && !/^\/\d{1,5}$/.test(path)) return 'the path must be a database number, as in redis://host:6379/0';
+  const { Redis } = createRequire(import.meta.url)('ioredis') as typeof import('ioredis');
+  try {
+    new Redis(url, { lazyConnect: true }).disconnect();
+  } catch (err) {
+    return err instanceof URIError ? 'a user name or password holds a malformed %-escape (write % as %25)' : (err as Error).message;
+  }
+  return null;
 }
 
 const CERT_KEYS = [

@@ -21,6 +21,8 @@ export interface ServerSettings {
   readonly acmeTlsAlpn: 'fallback' | 'route';
   /** How long a backend address that failed to dial is skipped. */
   readonly dialCooldownMs: number;
+  /** Idle time before TCP keepalive probes a client (and a backend that is not on loopback); 0: off. */
+  readonly tcpKeepaliveMs: number;
 }
 
 export interface FileSourceConfig {

@@ -21,7 +21,8 @@ export type ConnectionResult =
   | 'idle_timeout'
   | 'dial_failed' // no backend address could be reached
   | 'closed' // closed by the router: unroutable: close, or nothing to forward
-  | 'shutdown'; // still open when shutdown_grace ran out
+  | 'shutdown' // still open when shutdown_grace ran out
+  | 'loop'; // a connection from the router itself (a route that leads back to it), closed at once
 
 export class Metrics {
   readonly registry: Registry;

@@ -13,11 +13,12 @@ import { performance } from 'node:perf_hooks';
 import type { ConnectionResult } from '../metrics/metrics.ts';
 import { ClientHelloReader, type HelloVerdict } from './clienthello.ts';
 import { proxyHeader, unmapIPv4 } from './proxyprotocol.ts';
+import { isLoopback } from '../model/self-address.ts';
 import type { BackendSpec } from '../model/route.ts';
 import type { RouterServer } from './server.ts';
 import {
   ConnectWrap, LAST_WRITE_WAS_ASYNC, READ_BYTES, ShutdownWrap, type SocketAddress, streamState, TCP, TCP_SOCKET,
-  type TcpHandle, NODELAY_INHERITED, peerOf, UV_EOF, WriteWrap, type WriteRequest, type ConnectRequest, errorName,
+  type TcpHandle, OPTIONS_INHERITED, peerOf, UV_EOF, WriteWrap, type WriteRequest, type ConnectRequest, errorName,
 } from './uv.ts';
 
 const FALLBACK_ROUTE = 'fallback';
@@ -128,6 +129,7 @@ const CLIENT_GONE = 256; // the client's connection failed (reset) before relayi
 const RELAYED = 512; // the relay began: bytes count towards bytes_total
 const TO_FALLBACK = 1024; // the dial is the fallback's: no other backend to turn to
 const COUNTED_IP = 2048; // the per-IP limit counted this connection under #peer.ip
+const LOOP_DIAL = 4096; // the address being dialled is the router itself
 
 /** The client's address (an IPv4 client on a dual-stack socket as IPv4) and port. */
 export interface ClientPeer {
@@ -194,7 +196,11 @@ export class Connection {
     const h = this.#client;
     h[kConn] = this;
     h.onread = Connection.#onClientRead;
-    if (!NODELAY_INHERITED) h.setNoDelay(true);
+    if (!OPTIONS_INHERITED) {
+      h.setNoDelay(true);
+      const ka = server.settings.tcpKeepaliveMs;
+      if (ka > 0) h.setKeepAlive(true, ka / 1000);
+    }
     h.useUserBuffer(scratch);
     const err = h.readStart();
     if (err !== 0) {
@@ -570,15 +576,22 @@ export class Connection {
     }
     // A host name (a compose service, say): resolved for each dial, and each of its addresses
     // tried in turn (localhost may be ::1 and 127.0.0.1), as net.connect would.
-    lookup(host, { all: true }, (err, resolved) => {
-      if (this.#phase !== Phase.Dialing || this.#attempt !== attempt) return;
-      if (err !== null || resolved.length === 0) {
-        this.#dialFailed(err?.code ?? 'ENOTFOUND');
-        return;
-      }
-      this.#resolved = resolved;
-      this.#connect(resolved[0].address, resolved[0].family, port);
-    });
+    try {
+      lookup(host, { all: true }, (err, resolved) => {
+        if (this.#phase !== Phase.Dialing || this.#attempt !== attempt) return;
+        if (err !== null || resolved.length === 0) {
+          this.#dialFailed(err?.code ?? 'ENOTFOUND');
+          return;
+        }
+        this.#resolved = resolved;
+        this.#connect(resolved[0].address, resolved[0].family, port);
+      });
+    } catch (err) {
+      // dns.lookup throws, rather than calls back, on a name it refuses outright (a NUL byte). The
+      // validator never lets such a name into a table; should one get there anyway, it is one
+      // failed dial, not an exception that ends the process and every relay in it.
+      this.#dialFailed((err as NodeJS.ErrnoException).code ?? 'EINVAL');
+    }
   }
 
   /**
@@ -601,7 +614,26 @@ export class Connection {
     req.oncomplete = Connection.#onConnect;
     let err = family === 6 ? sock.connect6(req, address, port) : sock.connect(req, address, port);
     if (err === 0) err = sock.readStart();
-    if (err !== 0) this.#dialFailed(errorName(err));
+    if (err !== 0) {
+      this.#dialFailed(errorName(err));
+      return;
+    }
+    const server = this.#server;
+    if (server.dialLoops(address, port)) {
+      // The backend's name resolved to the router itself. The connection is made (its local
+      // address is known only now), so that the router sees it arrive and counts the loop; this
+      // side sends nothing on it and, once connected, turns to the next address or the fallback.
+      this.#flags |= LOOP_DIAL;
+      const local: SocketAddress = {};
+      sock.getsockname(local);
+      server.expectLoop(local, this.#route);
+      return;
+    }
+    this.#flags &= ~LOOP_DIAL;
+    // A backend on loopback is watched by the kernel itself (it resets a dead peer's connections);
+    // one across a network may vanish without a word.
+    const ka = server.settings.tcpKeepaliveMs;
+    if (ka > 0 && !isLoopback(address)) sock.setKeepAlive(true, ka / 1000);
   }
 
   static #onConnect(this: PendingConnect, status: number, sock: Handle): void {
@@ -609,6 +641,11 @@ export class Connection {
     this.conn = null;
     // An abandoned attempt (timed out, or the connection finished meanwhile) has been closed.
     if (c.#sock !== sock || c.#phase !== Phase.Dialing) return;
+    if ((c.#flags & LOOP_DIAL) !== 0) {
+      c.#flags &= ~LOOP_DIAL;
+      c.#dialFailed('ELOOP');
+      return;
+    }
     if (status >= 0) {
       c.#resolved = null;
       c.#startRelay();

@@ -7,19 +7,31 @@
 //
 // The stealth rule lives here: the router never writes a byte of its own to a client. Whatever it
 // cannot route goes to the fallback with its bytes, or is closed under `unroutable: close`.
-import { readFileSync } from 'node:fs';
 import net, { type AddressInfo } from 'node:net';
 import type { ListenAddress, ServerSettings } from '../config/types.ts';
+import { localInterfaceAddresses, openFileLimit } from '../host.ts';
 import type { Logger } from '../log.ts';
 import { RateLimitedLog } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import { type ClientPeer, Connection, clientPeer } from './connection.ts';
 import type { Router } from './table.ts';
 import type { BackendSpec } from '../model/route.ts';
-import { NODELAY_INHERITED, type TcpHandle } from './uv.ts';
+import { OPTIONS_INHERITED, type SocketAddress, type TcpHandle } from './uv.ts';
+import { unmapIPv4 } from './proxyprotocol.ts';
+import { type ListenEndpoint, reachesListener } from '../model/self-address.ts';
 
 /** Local conditions that say nothing about the backend's health: no cooldown for these. */
 const LOCAL_DIAL_ERRORS = new Set(['EMFILE', 'ENFILE', 'ENOBUFS', 'ENOMEM', 'EADDRNOTAVAIL']);
+/**
+ * Descriptors kept for everything but relays: Node and libuv hold ~22 at idle, the admin server up
+ * to its cap, the sources and the cert watcher a few. Connections are capped so that they never
+ * take these (64 with a small limit, 256 from a limit of 1024 up).
+ */
+function reservedFds(limit: number): number {
+  return Math.min(256, Math.max(64, Math.floor(limit / 4)));
+}
+/** A loop dial whose connection never arrives (the backlog was full) is forgotten after this. */
+const LOOP_EXPECT_MS = 10_000;
 
 export interface ServerOptions {
   readonly router: Router;
@@ -51,6 +63,8 @@ export class RouterServer {
   #settings: ServerSettings;
   accessLog: boolean;
   readonly #listeners: net.Server[] = [];
+  /** The listeners' libuv handles: their socket options pass to every accepted connection. */
+  readonly #listenHandles: TcpHandle[] = [];
   /**
    * Open connections, each at its `slot`; taking one out moves the last into its place. Not a Set:
    * V8 replaces a Set's table as entries come and go, and a replaced table keeps pointing at the
@@ -60,6 +74,13 @@ export class RouterServer {
    */
   readonly #conns: Connection[] = [];
   readonly #perIp = new Map<string, number>();
+  /** Connections the descriptor limit allows (each relay holds two), whatever max_concurrent_conns says. */
+  #fdCap = Number.MAX_SAFE_INTEGER;
+  /** Where this server listens, as bound: a dial to one of these is a loop. */
+  #own: ListenEndpoint[] = [];
+  readonly #ownPorts = new Set<number>();
+  /** Local address "ip|port" of each dial to the router itself → the route it looped on, until it arrives. */
+  readonly #loops = new Map<string, { route: string; at: number }>();
   readonly #cooldown = new Map<string, { until: number; error: string }>();
   readonly #limitLog = new RateLimitedLog(1000);
   readonly #dialLog = new RateLimitedLog(1000);
@@ -94,8 +115,15 @@ export class RouterServer {
   /** New settings apply to new connections; a changed idle_timeout also to open relays. */
   set settings(next: ServerSettings) {
     const idleChanged = next.idleTimeoutMs !== this.#settings.idleTimeoutMs;
+    const keepaliveChanged = next.tcpKeepaliveMs !== this.#settings.tcpKeepaliveMs;
     this.#settings = next;
     if (idleChanged && this.#listeners.length > 0 && !this.#draining) this.#startSweep();
+    if (keepaliveChanged && OPTIONS_INHERITED) for (const h of this.#listenHandles) this.#setListenerKeepalive(h);
+  }
+
+  #setListenerKeepalive(handle: TcpHandle): boolean {
+    const ms = this.#settings.tcpKeepaliveMs;
+    return handle.setKeepAlive(ms > 0, Math.max(1, Math.round(ms / 1000))) === 0;
   }
 
   /** Connections accepted and not yet finished, including those still waiting for a ClientHello. */
@@ -139,10 +167,31 @@ export class RouterServer {
       });
       this.#takeAccepts(server, addr.text);
       this.#listeners.push(server);
-      bound.push(server.address() as AddressInfo);
+      const info = server.address() as AddressInfo;
+      bound.push(info);
+      this.#own.push({ host: info.address, port: info.port });
+      this.#ownPorts.add(info.port);
     }
     this.#startSweep();
     return bound;
+  }
+
+  /**
+   * True when dialling ip:port reaches this router (a backend host name that resolves to it). The
+   * port is compared first: for every other backend this is one Set lookup per dial.
+   */
+  dialLoops(ip: string, port: number): boolean {
+    return this.#ownPorts.has(port) && reachesListener(ip, port, this.#own, localInterfaceAddresses());
+  }
+
+  /**
+   * A dial to the router itself is under way from local address `local`: the connection it makes
+   * is recognized when it arrives, closed at once and counted as a loop. The dialling connection
+   * sends nothing on it (it turns to the fallback), so nothing can go round.
+   */
+  expectLoop(local: SocketAddress, route: string): void {
+    if (local.address === undefined || local.port === undefined) return;
+    this.#loops.set(`${unmapIPv4(local.address)}|${local.port}`, { route, at: Date.now() });
   }
 
   /**
@@ -163,6 +212,10 @@ export class RouterServer {
   }
 
   #sweep(): void {
+    if (this.#loops.size > 0) {
+      const old = Date.now() - LOOP_EXPECT_MS;
+      for (const [key, loop] of this.#loops) if (loop.at < old) this.#loops.delete(key);
+    }
     const idle = this.#idleTicksAllowed;
     const bulk = this.#bulkTicksAllowed;
     // Backwards: a relay closed here is replaced by the last one, which has had its tick.
@@ -185,12 +238,13 @@ export class RouterServer {
       server.close();
       throw new Error(`cannot listen on ${text}: this Node.js (${process.version}) has no net.Server accept callback to take over; run the pinned Node 24 (npm ci)`);
     }
-    // Linux copies TCP_NODELAY from the listening socket to each accepted one: one setsockopt
-    // here instead of one per connection. Elsewhere each Connection sets it.
-    if (NODELAY_INHERITED && handle.setNoDelay?.(true) !== 0) {
+    // Linux copies TCP_NODELAY and keepalive from the listening socket to each accepted one: one
+    // setsockopt here instead of one per connection. Elsewhere each Connection sets them.
+    if (OPTIONS_INHERITED && (handle.setNoDelay?.(true) !== 0 || !this.#setListenerKeepalive(handle as TcpHandle))) {
       server.close();
-      throw new Error(`cannot listen on ${text}: cannot set TCP_NODELAY on the listening socket`);
+      throw new Error(`cannot listen on ${text}: cannot set TCP_NODELAY or keepalive on the listening socket`);
     }
+    this.#listenHandles.push(handle as TcpHandle);
     handle.onconnection = (err: number, clientHandle?: unknown) => {
       if (err !== 0 || clientHandle == null) original.call(handle, err, clientHandle);
       else this.#accept(clientHandle as TcpHandle);
@@ -221,9 +275,14 @@ export class RouterServer {
    */
   #checkDescriptorLimit(): void {
     const soft = openFileLimit();
-    const needed = this.settings.maxConcurrentConns * 2 + 64;
-    if (soft !== null && this.settings.maxConcurrentConns > 0 && soft < needed) {
-      this.logger.warn({ limit: soft, needed, max_concurrent_conns: this.settings.maxConcurrentConns },
+    if (soft === null) return;
+    // Whatever the connection limit says, connections never take every descriptor: a flood, or a
+    // loop the guard cannot see (a port forward back to the router), meets this cap and is shed
+    // like any overload, while the admin server, the sources and the cert watcher keep theirs.
+    this.#fdCap = Math.max(1, Math.floor((soft - reservedFds(soft)) / 2));
+    const wanted = this.settings.maxConcurrentConns;
+    if (wanted === 0 || wanted > this.#fdCap) {
+      this.logger.warn({ limit: soft, max_concurrent_conns: wanted, connections_capped_at: this.#fdCap },
         'file descriptor limit is low for max_concurrent_conns');
     }
   }
@@ -249,15 +308,29 @@ export class RouterServer {
       return;
     }
     const s = this.#settings;
-    if (s.maxConcurrentConns > 0 && this.#conns.length >= s.maxConcurrentConns) {
+    const open = this.#conns.length;
+    if ((s.maxConcurrentConns > 0 && open >= s.maxConcurrentConns) || open >= this.#fdCap) {
       this.#reject(handle, 'global');
       return;
     }
-    // The client's address costs a getpeername() call: only looked up when a limit or the access
-    // log needs it.
+    // The client's address costs a getpeername() call: only looked up when a limit, the access
+    // log or an expected loop needs it.
     let peer: ClientPeer | null = null;
-    if (s.maxConnsPerIp > 0 || this.accessLog) {
+    if (this.#loops.size > 0) {
       peer = clientPeer(handle);
+      const key = `${peer.ip}|${peer.port}`;
+      const loop = this.#loops.get(key);
+      if (loop !== undefined) {
+        this.#loops.delete(key);
+        this.metrics.connectionClosed(loop.route, 'loop');
+        this.logger.warn({ route: loop.route, client: peer.ip, client_port: peer.port },
+          'connection from the router itself closed: the route leads back to the router');
+        handle.close();
+        return;
+      }
+    }
+    if (s.maxConnsPerIp > 0 || this.accessLog) {
+      peer ??= clientPeer(handle);
       if (peer.ip === '') {
         // Gone already (reset before the accept was seen): it cannot be counted per address.
         if (s.maxConnsPerIp > 0) {
@@ -351,16 +424,5 @@ export class RouterServer {
   applyCooldown(change: CooldownChange): void {
     if (change.until === null) this.#cooldown.delete(change.addr);
     else this.#cooldown.set(change.addr, { until: change.until, error: change.error ?? 'unknown' });
-  }
-}
-
-/** The soft RLIMIT_NOFILE from /proc (Linux); null where it cannot be read. */
-function openFileLimit(): number | null {
-  try {
-    const m = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync('/proc/self/limits', 'utf8'));
-    if (m === null) return null;
-    return m[1] === 'unlimited' ? Number.MAX_SAFE_INTEGER : Number(m[1]);
-  } catch {
-    return null;
   }
 }

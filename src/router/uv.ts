@@ -26,6 +26,8 @@ export interface TcpHandle {
   shutdown(req: ShutdownRequest): number;
   close(callback?: () => void): void;
   setNoDelay(enable: boolean): number;
+  /** SO_KEEPALIVE, with TCP_KEEPIDLE = delay seconds (libuv also sets 1 s between 10 probes). */
+  setKeepAlive(enable: boolean, delaySeconds: number): number;
   getpeername(out: SocketAddress): number;
   getsockname(out: SocketAddress): number;
   connect(req: ConnectRequest, address: string, port: number): number;
@@ -83,7 +85,7 @@ need(typeof streamWrap.WriteWrap === 'function' && typeof streamWrap.ShutdownWra
   streamWrap.streamBaseState instanceof Int32Array && typeof streamWrap.kReadBytesOrError === 'number' &&
   typeof streamWrap.kLastWriteWasAsync === 'number', 'stream_wrap.WriteWrap');
 need(typeof uv.UV_EOF === 'number', 'uv.UV_EOF');
-for (const method of ['readStart', 'readStop', 'useUserBuffer', 'writeBuffer', 'shutdown', 'close', 'setNoDelay', 'getpeername',
+for (const method of ['readStart', 'readStop', 'useUserBuffer', 'writeBuffer', 'shutdown', 'close', 'setNoDelay', 'setKeepAlive', 'getpeername',
   'getsockname', 'connect', 'connect6'] as const) {
   need(typeof (tcpWrap.TCP.prototype as unknown as Record<string, unknown>)[method] === 'function', `TCP.prototype.${method}`);
 }
@@ -102,8 +104,13 @@ export const READ_BYTES = streamWrap.kReadBytesOrError;
 export const LAST_WRITE_WAS_ASYNC = streamWrap.kLastWriteWasAsync;
 export const UV_EOF = uv.UV_EOF;
 
-/** Linux copies TCP_NODELAY from a listening socket to the sockets it accepts. */
-export const NODELAY_INHERITED = process.platform === 'linux';
+/**
+ * Linux copies TCP_NODELAY and the keepalive settings (SO_KEEPALIVE, TCP_KEEPIDLE and the probe
+ * interval and count) from a listening socket to the sockets it accepts, and starts the keepalive
+ * timer of each: set once on the listener, they cost nothing per connection (`ss -to` shows the
+ * accepted sockets' keepalive timers).
+ */
+export const OPTIONS_INHERITED = process.platform === 'linux';
 
 /** "ECONNRESET" for a libuv error number. */
 export function errorName(code: number): string {
