@@ -1,7 +1,6 @@
 // Command line: run, check, --version, --help. Wiring only; the work is in app.ts and below.
 // Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error.
 import { existsSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { App } from './app.ts';
 import { inspectCertwatch } from './certwatch/inspect.ts';
@@ -10,6 +9,7 @@ import type { Config } from './config/types.ts';
 import { redactUrl } from './log.ts';
 import { RouteTable } from './router/table.ts';
 import { type RouteSpec, describeRoute } from './model/route.ts';
+import { buildInfo } from './version.ts';
 
 const HELP = `sni-router: routes TLS connections by SNI and ALPN without terminating TLS
 
@@ -28,17 +28,10 @@ Signals:
   SIGHUP              re-read the config file and resync every source (a bad file is rejected)
 
 Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error.
-Admin HTTP (admin.listen, default 127.0.0.1:9180): /metrics /healthz /readyz /routes
+Admin HTTP (admin.listen, default 127.0.0.1:9180): /metrics /healthz /readyz /routes /version
 `;
 
 class UsageError extends Error {}
-
-function version(): string {
-  const pkg = JSON.parse(readFileSync(join(dirname(fileURLToPath(import.meta.url)), '..', 'package.json'), 'utf8')) as {
-    version: string;
-  };
-  return pkg.version;
-}
 
 interface Args {
   command: 'run' | 'check' | 'help' | 'version';
@@ -130,7 +123,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     return 0;
   }
   if (args.command === 'version') {
-    process.stdout.write(`sni-router ${version()}\n`);
+    process.stdout.write(`sni-router ${buildInfo().version}\n`);
     return 0;
   }
   let config: Config;
