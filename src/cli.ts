@@ -3,6 +3,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { App } from './app.ts';
+import { describeAction } from './certwatch/action.ts';
 import { inspectCertwatch } from './certwatch/inspect.ts';
 import { ConfigError, loadConfig, parseRoutesFile } from './config/load.ts';
 import type { Config } from './config/types.ts';
@@ -104,7 +105,7 @@ function check(config: Config, env: NodeJS.ProcessEnv): string {
     const from = c.caddyStorage !== null ? `caddy storage ${c.caddyStorage}` : `${c.cert} + ${c.key}`;
     lines.push(`certwatch ${c.name}: ${c.domain} from ${from}` +
       `${c.copyTo === null ? '' : `, copy to ${c.copyTo.dir} mode ${c.copyTo.mode.toString(8).padStart(4, '0')}`}` +
-      `${c.onChange === null ? '' : `, on change ${c.onChange.kind}`}`);
+      `${c.onChange === null ? '' : `, on change ${describeAction(c.onChange)}`}`);
   }
   return `${lines.join('\n')}\n`;
 }

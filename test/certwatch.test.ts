@@ -182,7 +182,7 @@ describe('certwatch', { concurrency: true }, () => {
       r = await run([entry({
         caddyStorage: storage.root,
         copyTo: { dir: copyDir, mode: 0o640 },
-        onChange: { kind: 'signal', systemdUnit: null, pidFile: coturn.pidFile, signal: 'SIGUSR2' },
+        onChange: { kind: 'signal', systemdUnit: null, pidFile: coturn.pidFile, docker: null, signal: 'SIGUSR2' },
       })]);
       const running = r;
       await running.waitFor(() => logged(running, 'the deployed certificate is the newest'), 15_000, 'the first scan');
@@ -575,7 +575,7 @@ describe('certwatch', { concurrency: true }, () => {
   test('signal by pid_file: the process is signalled; a stale file whose pid now names a younger process is refused', async () => {
     const { dir, cleanup } = tempDir('sni-router-certwatch-pidfile-');
     const pidFile = join(dir, 'turn.pid');
-    const action: CertAction = { kind: 'signal', systemdUnit: null, pidFile, signal: 'SIGUSR2' };
+    const action: CertAction = { kind: 'signal', systemdUnit: null, pidFile, docker: null, signal: 'SIGUSR2' };
     const paths = { cert: join(dir, 'cdn.crt'), key: join(dir, 'cdn.key') };
     const opts = { env: process.env, timeoutMs: 5000 };
     // sleep dies of SIGUSR2 (its default action): what a signal meant for the TURN server does to
@@ -619,16 +619,16 @@ describe('certwatch', { concurrency: true }, () => {
     writeFileSync(join(src, 'turn.key'), pair.key);
     const actions: Array<{ name: string; action: CertAction; systemctl: ReturnType<typeof recorder>; expect: string[][] }> = [
       {
-        name: 'restart', action: { kind: 'restart', systemdUnit: 'livekit.service' },
+        name: 'restart', action: { kind: 'restart', systemdUnit: 'livekit.service', docker: null },
         systemctl: recorder(dir, 'systemctl-restart'), expect: [['restart', 'livekit.service']],
       },
       {
-        name: 'signal', action: { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, signal: 'SIGUSR2' },
+        name: 'signal', action: { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, docker: null, signal: 'SIGUSR2' },
         systemctl: recorder(dir, 'systemctl-signal'), expect: [['kill', '--kill-whom=main', '--signal=SIGUSR2', 'coturn.service']],
       },
       {
         // systemd < 252 knows only --kill-who: the watcher says it again that way.
-        name: 'signal-old', action: { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, signal: 'SIGHUP' },
+        name: 'signal-old', action: { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, docker: null, signal: 'SIGHUP' },
         systemctl: recorder(dir, 'systemctl-old', { rejectKillWhom: true }),
         expect: [['kill', '--kill-whom=main', '--signal=SIGHUP', 'coturn.service'], ['kill', '--kill-who=main', '--signal=SIGHUP', 'coturn.service']],
       },
@@ -679,7 +679,7 @@ describe('certwatch', { concurrency: true }, () => {
       const storage = new CaddyStorage(join(dir, 'caddy'));
       const config = entry({
         caddyStorage: storage.root, copyTo: { dir: join(dir, 'turn-certs'), mode: 0o640 },
-        onChange: { kind: 'signal', systemdUnit: null, pidFile: join(dir, 'turn.pid'), signal: 'SIGUSR2' },
+        onChange: { kind: 'signal', systemdUnit: null, pidFile: join(dir, 'turn.pid'), docker: null, signal: 'SIGUSR2' },
       });
       const messages = async () => (await inspectCertwatch(config)).map((f) => `${f.level}: ${f.message}`);
       const empty = await messages();
