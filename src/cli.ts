@@ -1,15 +1,16 @@
 // Command line: run, check, --version, --help. Wiring only; the work is in app.ts and below.
 // Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error.
 import { existsSync, readFileSync } from 'node:fs';
-import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { App } from './app.ts';
+import { describeAction } from './certwatch/action.ts';
 import { inspectCertwatch } from './certwatch/inspect.ts';
 import { ConfigError, loadConfig, parseRoutesFile } from './config/load.ts';
 import type { Config } from './config/types.ts';
 import { redactUrl } from './log.ts';
 import { RouteTable } from './router/table.ts';
 import { type RouteSpec, describeRoute } from './model/route.ts';
+import { buildInfo } from './version.ts';
 
 const HELP = `sni-router: routes TLS connections by SNI and ALPN without terminating TLS
 
@@ -28,17 +29,10 @@ Signals:
   SIGHUP              re-read the config file and resync every source (a bad file is rejected)
 
 Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error.
-Admin HTTP (admin.listen, default 127.0.0.1:9180): /metrics /healthz /readyz /routes
+Admin HTTP (admin.listen, default 127.0.0.1:9180): /metrics /healthz /readyz /routes /version
 `;
 
 class UsageError extends Error {}
-
-function version(): string {
-  const pkg = JSON.parse(readFileSync(join(dirname(fileURLToPath(import.meta.url)), '..', 'package.json'), 'utf8')) as {
-    version: string;
-  };
-  return pkg.version;
-}
 
 interface Args {
   command: 'run' | 'check' | 'help' | 'version';
@@ -111,7 +105,7 @@ function check(config: Config, env: NodeJS.ProcessEnv): string {
     const from = c.caddyStorage !== null ? `caddy storage ${c.caddyStorage}` : `${c.cert} + ${c.key}`;
     lines.push(`certwatch ${c.name}: ${c.domain} from ${from}` +
       `${c.copyTo === null ? '' : `, copy to ${c.copyTo.dir} mode ${c.copyTo.mode.toString(8).padStart(4, '0')}`}` +
-      `${c.onChange === null ? '' : `, on change ${c.onChange.kind}`}`);
+      `${c.onChange === null ? '' : `, on change ${describeAction(c.onChange)}`}`);
   }
   return `${lines.join('\n')}\n`;
 }
@@ -130,7 +124,7 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv = pro
     return 0;
   }
   if (args.command === 'version') {
-    process.stdout.write(`sni-router ${version()}\n`);
+    process.stdout.write(`sni-router ${buildInfo().version}\n`);
     return 0;
   }
   let config: Config;

@@ -110,7 +110,7 @@ function instructions(routerPort: number, adminPort: number): string {
   return `
 sni-router demo is running.
   router  ${HOST}:${routerPort}   cdn.example.com offering no ALPN -> turn (TLS echo); everything else -> web (HTTPS page)
-  admin   ${admin}   /metrics /healthz /readyz /routes
+  admin   ${admin}   /metrics /healthz /readyz /routes /version
 
 Paste these into another terminal:
 

@@ -32,10 +32,22 @@ test('/healthz answers 200, /readyz 200 once listening, and unknown paths and me
   assert.deepEqual(await get(router.adminPort, '/healthz'), { status: 200, body: 'ok\n', type: 'text/plain' });
   assert.deepEqual(await get(router.adminPort, '/readyz'), { status: 200, body: 'ready\n', type: 'text/plain' });
   assert.equal((await get(router.adminPort, '/healthz?verbose=1')).status, 200);
-  assert.equal((await get(router.adminPort, '/nope')).status, 404);
+  const notFound = await get(router.adminPort, '/nope');
+  assert.equal(notFound.status, 404);
+  assert.match(notFound.body, /\/version/, 'the 404 names every endpoint');
   assert.equal((await get(router.adminPort, '/metrics', { method: 'POST', body: 'x' })).status, 405);
   // The admin server binds where it was told: loopback here.
   assert.equal(router.app.adminAddress?.address, '127.0.0.1');
+});
+
+test('/version answers the version in package.json and the Node.js version, as JSON', async (t) => {
+  const router = await startRouter('fallback: { name: web, addr: "127.0.0.1:9" }\n');
+  t.after(() => router.stop());
+  const pkg = JSON.parse(readFileSync(join(import.meta.dirname, '..', 'package.json'), 'utf8')) as { version: string };
+  const res = await get(router.adminPort, '/version');
+  assert.equal(res.status, 200);
+  assert.equal(res.type, 'application/json');
+  assert.deepEqual(JSON.parse(res.body), { version: pkg.version, node: process.version });
 });
 
 test('/readyz flips to 503 while draining and /healthz stays 200; the drain waits for the open connection', async (t) => {

@@ -1,15 +1,14 @@
 // The cert watcher against real files and a real coturn: a Caddy-shaped storage tree is renewed the
 // way Caddy writes it, and the TLS certificate coturn serves, coturn's relays, the files in copy_to
-// and the programs run on a change show what happened. Certificates come from openssl (`openssl ca`
-// gives them the exact validity dates a test needs: older, newer, expired).
+// and the programs run on a change show what happened. The certificates and the storage tree are
+// support/caddy.ts's.
 //
 // coturn (turnserver, turnutils_peer, turnutils_uclient) is a Debian package. Outside CI a missing
 // one skips the tests that need it; in CI (CI=true) it fails them.
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
-import { X509Certificate } from 'node:crypto';
+import { spawn } from 'node:child_process';
 import {
-  chmodSync, chownSync, closeSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync, writeSync,
+  chmodSync, chownSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync,
 } from 'node:fs';
 import { join } from 'node:path';
 import tls from 'node:tls';
@@ -19,136 +18,14 @@ import { inspectCertwatch, startCertwatch, type CertwatchHandle } from '../src/c
 import type { CertAction, CertwatchConfig } from '../src/config/types.ts';
 import { Metrics } from '../src/metrics/metrics.ts';
 import { memoryLogger, metricValue, sleep, startRouter, tempDir, waitFor } from './helpers.ts';
+import {
+  CaddyStorage, DAY, DOMAIN, HOUR, type Issued, LE, STAGING, TestCa, ZEROSSL, fingerprintOf,
+} from './support/caddy.ts';
 import { Proc, runUclient, startCoturn, startTurnPeer, toolGate } from './support/turn.ts';
 
 const coturnGate = toolGate(['turnserver', 'turnutils_peer', 'turnutils_uclient']);
-const DOMAIN = 'cdn.example.com';
-const LE = 'acme-v02.api.letsencrypt.org-directory';
-const ZEROSSL = 'acme.zerossl.com-v2-dv90';
-const STAGING = 'acme-staging-v02.api.letsencrypt.org-directory';
-const HOUR = 3600_000;
-const DAY = 24 * HOUR;
 /** The bound the issue sets from Caddy's last write to the TURN server serving the new certificate. */
 const RELOAD_BOUND_MS = 5000;
-
-// ---------------------------------------------------------------------------------------------
-// Certificates with chosen dates
-
-interface Issued {
-  readonly cert: Buffer; // leaf + CA, as Caddy stores a chain
-  readonly key: Buffer;
-  readonly fingerprint: string;
-  readonly notAfter: Date;
-}
-
-function opensslDate(d: Date): string {
-  return `${d.toISOString().replace(/[-:T]/g, '').slice(0, 14)}Z`;
-}
-
-/** A throwaway CA that issues EC leaf certificates valid exactly from..to, via `openssl ca`. */
-class TestCa {
-  readonly #dir: string;
-  #n = 0;
-  constructor(dir: string) {
-    this.#dir = join(dir, 'ca');
-    mkdirSync(this.#dir, { recursive: true });
-    writeFileSync(join(this.#dir, 'index.txt'), '');
-    writeFileSync(join(this.#dir, 'serial'), '1000\n');
-    writeFileSync(join(this.#dir, 'ca.cnf'), [
-      '[ca]', 'default_ca = test', '[test]', `database = ${this.#dir}/index.txt`, `new_certs_dir = ${this.#dir}`,
-      `serial = ${this.#dir}/serial`, 'default_md = sha256', 'policy = any', 'unique_subject = no',
-      'copy_extensions = copy', '[any]', 'commonName = optional', '',
-    ].join('\n'));
-    execFileSync('openssl', [
-      'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-days', '3650',
-      '-subj', '/CN=sni-router test CA', '-keyout', join(this.#dir, 'ca.key'), '-out', join(this.#dir, 'ca.crt'),
-    ], { stdio: 'ignore' });
-  }
-
-  /** `subject: ''` issues with an empty subject, names in subjectAltName only, as Caddy's own CA does. */
-  issue(names: readonly string[], from: Date, to: Date, opts: { subject?: string } = {}): Issued {
-    const n = ++this.#n;
-    const key = join(this.#dir, `${n}.key`);
-    const csr = join(this.#dir, `${n}.csr`);
-    const crt = join(this.#dir, `${n}.crt`);
-    execFileSync('openssl', [
-      'req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
-      '-subj', opts.subject === '' ? '/' : `/CN=${opts.subject ?? names[0]}`,
-      '-addext', `subjectAltName=${names.map((s) => `DNS:${s}`).join(',')}`, '-keyout', key, '-out', csr,
-    ], { stdio: 'ignore' });
-    execFileSync('openssl', [
-      'ca', '-batch', '-notext', '-config', join(this.#dir, 'ca.cnf'), '-cert', join(this.#dir, 'ca.crt'),
-      '-keyfile', join(this.#dir, 'ca.key'), '-startdate', opensslDate(from), '-enddate', opensslDate(to),
-      '-in', csr, '-out', crt,
-    ], { stdio: 'ignore' });
-    const leaf = readFileSync(crt);
-    const x509 = new X509Certificate(leaf);
-    return {
-      cert: Buffer.concat([leaf, readFileSync(join(this.#dir, 'ca.crt'))]),
-      key: readFileSync(key),
-      fingerprint: x509.fingerprint256,
-      notAfter: x509.validToDate,
-    };
-  }
-
-  /** A certificate for DOMAIN issued `agoMs` before now, valid for 90 days from then. */
-  renewal(agoMs: number, names: readonly string[] = [DOMAIN], opts: { subject?: string } = {}): Issued {
-    const from = new Date(Date.now() - agoMs);
-    return this.issue(names, from, new Date(from.getTime() + 90 * DAY), opts);
-  }
-}
-
-function fingerprintOf(certPem: Buffer): string {
-  return new X509Certificate(certPem).fingerprint256;
-}
-
-// ---------------------------------------------------------------------------------------------
-// A Caddy storage tree, written the way Caddy writes it
-
-class CaddyStorage {
-  readonly root: string;
-  constructor(root: string) {
-    this.root = root;
-  }
-
-  dir(issuer: string, key = DOMAIN): string {
-    return join(this.root, 'certificates', issuer, key);
-  }
-
-  /** Caddy ≥ 2.9: key, then certificate, then metadata, each to a temp file renamed into place. */
-  renew(issuer: string, pair: { cert: Buffer; key: Buffer }, key = DOMAIN): void {
-    const dir = this.dir(issuer, key);
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const put = (name: string, data: Buffer | string) => {
-      const tmp = join(dir, `.${name}.tmp${Math.random().toString(36).slice(2)}`);
-      writeFileSync(tmp, data, { mode: 0o600 });
-      renameSync(tmp, join(dir, name));
-    };
-    put(`${key}.key`, pair.key);
-    put(`${key}.crt`, pair.cert);
-    put(`${key}.json`, JSON.stringify({ sans: [DOMAIN], issuer_data: { url: `https://${issuer}/cert/1` } }));
-  }
-
-  /**
-   * Older Caddy: each file truncated and rewritten in place. The certificate goes in two writes
-   * with `pauseMs` between them, longer than the debounce, so the watcher does see a torn file.
-   */
-  async renewInPlace(issuer: string, pair: { cert: Buffer; key: Buffer }, pauseMs: number): Promise<void> {
-    const dir = this.dir(issuer);
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-    writeFileSync(join(dir, `${DOMAIN}.key`), pair.key, { mode: 0o600 });
-    const fd = openSync(join(dir, `${DOMAIN}.crt`), 'w', 0o600);
-    try {
-      const half = Math.floor(pair.cert.length / 3);
-      writeSync(fd, pair.cert, 0, half);
-      await sleep(pauseMs);
-      writeSync(fd, pair.cert, half, pair.cert.length - half);
-    } finally {
-      closeSync(fd);
-    }
-    writeFileSync(join(dir, `${DOMAIN}.json`), JSON.stringify({ sans: [DOMAIN] }), { mode: 0o600 });
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // A program that records how it was called (stands in for reload scripts and for systemctl)
@@ -305,7 +182,7 @@ describe('certwatch', { concurrency: true }, () => {
       r = await run([entry({
         caddyStorage: storage.root,
         copyTo: { dir: copyDir, mode: 0o640 },
-        onChange: { kind: 'signal', systemdUnit: null, pidFile: coturn.pidFile, signal: 'SIGUSR2' },
+        onChange: { kind: 'signal', systemdUnit: null, pidFile: coturn.pidFile, docker: null, signal: 'SIGUSR2' },
       })]);
       const running = r;
       await running.waitFor(() => logged(running, 'the deployed certificate is the newest'), 15_000, 'the first scan');
@@ -698,7 +575,7 @@ describe('certwatch', { concurrency: true }, () => {
   test('signal by pid_file: the process is signalled; a stale file whose pid now names a younger process is refused', async () => {
     const { dir, cleanup } = tempDir('sni-router-certwatch-pidfile-');
     const pidFile = join(dir, 'turn.pid');
-    const action: CertAction = { kind: 'signal', systemdUnit: null, pidFile, signal: 'SIGUSR2' };
+    const action: CertAction = { kind: 'signal', systemdUnit: null, pidFile, docker: null, signal: 'SIGUSR2' };
     const paths = { cert: join(dir, 'cdn.crt'), key: join(dir, 'cdn.key') };
     const opts = { env: process.env, timeoutMs: 5000 };
     // sleep dies of SIGUSR2 (its default action): what a signal meant for the TURN server does to
@@ -742,16 +619,16 @@ describe('certwatch', { concurrency: true }, () => {
     writeFileSync(join(src, 'turn.key'), pair.key);
     const actions: Array<{ name: string; action: CertAction; systemctl: ReturnType<typeof recorder>; expect: string[][] }> = [
       {
-        name: 'restart', action: { kind: 'restart', systemdUnit: 'livekit.service' },
+        name: 'restart', action: { kind: 'restart', systemdUnit: 'livekit.service', docker: null },
         systemctl: recorder(dir, 'systemctl-restart'), expect: [['restart', 'livekit.service']],
       },
       {
-        name: 'signal', action: { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, signal: 'SIGUSR2' },
+        name: 'signal', action: { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, docker: null, signal: 'SIGUSR2' },
         systemctl: recorder(dir, 'systemctl-signal'), expect: [['kill', '--kill-whom=main', '--signal=SIGUSR2', 'coturn.service']],
       },
       {
         // systemd < 252 knows only --kill-who: the watcher says it again that way.
-        name: 'signal-old', action: { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, signal: 'SIGHUP' },
+        name: 'signal-old', action: { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, docker: null, signal: 'SIGHUP' },
         systemctl: recorder(dir, 'systemctl-old', { rejectKillWhom: true }),
         expect: [['kill', '--kill-whom=main', '--signal=SIGHUP', 'coturn.service'], ['kill', '--kill-who=main', '--signal=SIGHUP', 'coturn.service']],
       },
@@ -802,7 +679,7 @@ describe('certwatch', { concurrency: true }, () => {
       const storage = new CaddyStorage(join(dir, 'caddy'));
       const config = entry({
         caddyStorage: storage.root, copyTo: { dir: join(dir, 'turn-certs'), mode: 0o640 },
-        onChange: { kind: 'signal', systemdUnit: null, pidFile: join(dir, 'turn.pid'), signal: 'SIGUSR2' },
+        onChange: { kind: 'signal', systemdUnit: null, pidFile: join(dir, 'turn.pid'), docker: null, signal: 'SIGUSR2' },
       });
       const messages = async () => (await inspectCertwatch(config)).map((f) => `${f.level}: ${f.message}`);
       const empty = await messages();

@@ -168,7 +168,36 @@ certwatch:
 `, 'x.yaml');
     assert.deepEqual(ok.sources.map((s) => s.name), ['file', 'postgres', 'redis']);
     assert.equal(ok.certwatch[0].copyTo?.mode, 0o640);
-    assert.deepEqual(ok.certwatch[0].onChange, { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, signal: 'SIGUSR2' });
+    assert.deepEqual(ok.certwatch[0].onChange, { kind: 'signal', systemdUnit: 'coturn.service', pidFile: null, docker: null, signal: 'SIGUSR2' });
+  });
+
+  test('on_change restarts or signals a Docker container by name; a wrong target is an error at its key', () => {
+    const onChange = (yaml: string) => `${ORAMA}certwatch:\n  - domain: cdn.example.com\n    cert: /a\n    key: /b\n    on_change:\n      ${yaml}\n`;
+    const action = (yaml: string) => parseConfig(onChange(yaml), 'x.yaml').certwatch[0].onChange;
+    assert.deepEqual(action('restart: { docker_container: livekit }'),
+      { kind: 'restart', systemdUnit: null, docker: { container: 'livekit', socket: '/var/run/docker.sock' } });
+    assert.deepEqual(action('signal: { docker_container: coturn-1.a_b, docker_socket: /run/docker.sock, signal: usr2 }'),
+      { kind: 'signal', systemdUnit: null, pidFile: null, docker: { container: 'coturn-1.a_b', socket: '/run/docker.sock' }, signal: 'SIGUSR2' });
+    assert.deepEqual(action('restart: { systemd_unit: livekit.service }'), { kind: 'restart', systemdUnit: 'livekit.service', docker: null });
+    // Line 18 is the on_change line; columns point at the mapping, the key or the value at fault.
+    const err = (yaml: string) => errorOf(onChange(yaml)).message;
+    assert.equal(err('restart: { docker_container: livekit, systemd_unit: livekit.service }'),
+      'x.yaml:18:16: certwatch[0].on_change.restart needs exactly one of systemd_unit, docker_container');
+    assert.equal(err('restart: {}'), 'x.yaml:18:16: certwatch[0].on_change.restart needs exactly one of systemd_unit, docker_container');
+    assert.equal(err('signal: { pid_file: /run/t.pid, docker_container: coturn, signal: SIGUSR2 }'),
+      'x.yaml:18:15: certwatch[0].on_change.signal needs exactly one of systemd_unit, pid_file, docker_container');
+    assert.equal(err('signal: { systemd_unit: coturn.service, docker_socket: /run/docker.sock, signal: SIGUSR2 }'),
+      'x.yaml:18:62: certwatch[0].on_change.signal.docker_socket goes only with docker_container');
+    for (const bad of ['"/livekit"', '"live kit"', '"-livekit"', '"livekit/../x"']) {
+      assert.match(err(`restart: { docker_container: ${bad} }`),
+        /^x\.yaml:18:36: certwatch\[0\]\.on_change\.restart\.docker_container ".*" is not a Docker container name \(a letter or digit, then letters, digits, '_', '\.' or '-'\)$/, bad);
+    }
+    assert.equal(err('restart: { docker_container: livekit, docker_socket: run/docker.sock }'),
+      'x.yaml:18:60: certwatch[0].on_change.restart.docker_socket must be an absolute path');
+    assert.equal(err('restart: { docker_container: livekit, docker_sock: /x }'),
+      'x.yaml:18:45: unknown key "docker_sock" in certwatch[0].on_change.restart (allowed: systemd_unit, docker_container, docker_socket)');
+    assert.equal(err('restart: { pid_file: /run/t.pid }'),
+      'x.yaml:18:18: unknown key "pid_file" in certwatch[0].on_change.restart (allowed: systemd_unit, docker_container, docker_socket)', 'a pid file cannot be restarted');
   });
 });
 

@@ -273,6 +273,16 @@ routes:
   assert.equal(metricValue(text, 'sni_router_routes', { source: 'config' }), 1, 'routes{source="config"} after a replace');
 });
 
+test('build_info is 1, once, labelled with the version in package.json and the Node.js version', async (t) => {
+  const router = await startRouter('fallback: { name: web, addr: "127.0.0.1:9" }\n');
+  t.after(() => router.stop());
+  const pkg = JSON.parse(readFileSync(join(import.meta.dirname, '..', 'package.json'), 'utf8')) as { version: string };
+  const text = await scrape(router.adminPort);
+  assert.match(text, /^# TYPE sni_router_build_info gauge$/m);
+  assert.deepEqual(routerSeries(text).filter((l) => l.startsWith('sni_router_build_info')),
+    [`sni_router_build_info{version="${pkg.version}",node="${process.version}"} 1`]);
+});
+
 test('bytes_total counts a long-lived relay at scrape time, before it closes', async (t) => {
   const backend = await recordingBackend({ reply: 'x'.repeat(1000) });
   const router = await startRouter(`

@@ -187,6 +187,9 @@ routes:
       assert.equal(metricValue(text, 'sni_router_backend_dial_duration_seconds_count', { backend: 'rec' }), n);
       assert.equal(metricValue(text, 'sni_router_route_table_generation'), r.app.router.generation);
       assert.equal(metricValue(text, 'sni_router_worker_restarts_total'), 0);
+      const pkg = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as { version: string };
+      assert.deepEqual(text.split('\n').filter((l) => l.startsWith('sni_router_build_info')),
+        [`sni_router_build_info{version="${pkg.version}",node="${process.version}"} 1`], 'build_info once, not summed over the workers');
       // Process facts: the primary's start time and descriptor limit, not a sum.
       const start = metricValue(text, 'process_start_time_seconds');
       assert.ok(Math.abs(start - (Date.now() / 1000 - process.uptime())) < 5, `process_start_time_seconds ${start}`);

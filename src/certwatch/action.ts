@@ -1,11 +1,14 @@
 // on_change: how the TURN server is told to load the new pair. A signal to the main process of a
-// systemd unit (systemctl kill) or to the pid in a pid file, a restart of a unit, or a program run
-// with the deployed paths. Programs run without a shell and with a time limit; an action that does
-// not succeed throws, and the watcher retries it.
+// systemd unit (systemctl kill), to the pid in a pid file or to a Docker container, a restart of a
+// unit or a container, or a program run with the deployed paths. Programs and Engine requests run
+// with a time limit, programs without a shell; an action that does not succeed throws, and the
+// watcher retries it.
 import { spawn } from 'node:child_process';
 import { readFile, stat } from 'node:fs/promises';
-import type { CertAction } from '../config/types.ts';
+import { DEFAULT_DOCKER_SOCKET } from '../config/config.ts';
+import type { CertAction, DockerTarget } from '../config/types.ts';
 import type { DeployedPaths } from './deploy.ts';
+import { dockerContainerRequest } from './docker.ts';
 
 /**
  * The systemctl binary. SNI_ROUTER_SYSTEMCTL replaces it, for tests only: a script that records its
@@ -124,16 +127,43 @@ async function systemctlKill(unit: string, signal: NodeJS.Signals, opts: ActionO
   }
 }
 
+function dockerWhat(docker: DockerTarget): string {
+  return `docker container ${docker.container}${docker.socket === DEFAULT_DOCKER_SOCKET ? '' : ` (socket ${docker.socket})`}`;
+}
+
+/** The action in words, for `sni-router check`: "restart docker container livekit". */
+export function describeAction(action: CertAction): string {
+  switch (action.kind) {
+    case 'signal': {
+      const to = action.docker !== null ? dockerWhat(action.docker)
+        : action.systemdUnit !== null ? `systemd unit ${action.systemdUnit}` : `the pid in ${action.pidFile}`;
+      return `signal ${action.signal} to ${to}`;
+    }
+    case 'restart':
+      return `restart ${action.docker !== null ? dockerWhat(action.docker) : `systemd unit ${action.systemdUnit}`}`;
+    case 'exec':
+      return `exec ${action.argv.join(' ')}`;
+  }
+}
+
 export async function runAction(action: CertAction, paths: DeployedPaths, opts: ActionOptions): Promise<ActionDone> {
   switch (action.kind) {
     case 'signal': {
+      if (action.docker !== null) {
+        await dockerContainerRequest(action.docker, { kind: 'kill', signal: action.signal }, opts.timeoutMs);
+        return { what: describeAction(action) };
+      }
       if (action.systemdUnit !== null) return { what: await systemctlKill(action.systemdUnit, action.signal, opts) };
       const pid = await readPidFile(action.pidFile!);
       process.kill(pid, action.signal);
       return { what: `kill -${action.signal} ${pid} (from ${action.pidFile})` };
     }
     case 'restart': {
-      const argv = [systemctlPath(opts.env), 'restart', action.systemdUnit];
+      if (action.docker !== null) {
+        await dockerContainerRequest(action.docker, { kind: 'restart' }, opts.timeoutMs);
+        return { what: describeAction(action) };
+      }
+      const argv = [systemctlPath(opts.env), 'restart', action.systemdUnit!];
       await runProgram(argv, opts);
       return { what: argv.join(' ') };
     }

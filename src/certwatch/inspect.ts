@@ -1,7 +1,8 @@
 // What `sni-router check` can say about a certwatch entry beyond its syntax: does the source exist,
 // which pair would be deployed now, does copy_to already hold it, can the action run. Nothing is
-// written and nothing is signalled. These are warnings, not errors: the files are runtime state
-// (Caddy may not have obtained the certificate yet, the TURN server may not be running).
+// written, nothing is signalled, no request goes to Docker. These are warnings, not errors: the
+// files are runtime state (Caddy may not have obtained the certificate yet, the TURN server may not
+// be running).
 import { constants } from 'node:fs';
 import { access, stat } from 'node:fs/promises';
 import { delimiter, dirname, join } from 'node:path';
@@ -26,6 +27,24 @@ async function executable(program: string, env: NodeJS.ProcessEnv): Promise<bool
     if (await access(p, constants.X_OK).then(() => true, () => false)) return true;
   }
   return false;
+}
+
+/** Why the Engine could not be reached at `socket`, as far as the file tells; no request is made. */
+async function dockerSocketProblem(socket: string): Promise<string | null> {
+  let st;
+  try {
+    st = await stat(socket);
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ENOENT'
+      ? `docker socket ${socket} does not exist: is Docker running, is the socket mounted?`
+      : `docker socket ${socket}: ${(err as Error).message}`;
+  }
+  if (!st.isSocket()) return `docker socket ${socket} is not a socket`;
+  // Connecting to a unix socket needs write permission on it.
+  if (!(await access(socket, constants.R_OK | constants.W_OK).then(() => true, () => false))) {
+    return `docker socket ${socket} may not be used by this user: the router's user must be in the socket's group (docker)`;
+  }
+  return null;
 }
 
 export async function inspectCertwatch(config: CertwatchConfig, env: NodeJS.ProcessEnv = process.env): Promise<Finding[]> {
@@ -68,11 +87,15 @@ export async function inspectCertwatch(config: CertwatchConfig, env: NodeJS.Proc
   if (action?.kind === 'exec' && !(await executable(action.argv[0], env))) {
     warn(`exec: ${action.argv[0]} is not an executable program`);
   }
-  if ((action?.kind === 'restart' || (action?.kind === 'signal' && action.systemdUnit !== null)) && !(await executable(systemctlPath(env), env))) {
+  if ((action?.kind === 'restart' || action?.kind === 'signal') && action.systemdUnit !== null && !(await executable(systemctlPath(env), env))) {
     warn(`${systemctlPath(env)} not found: systemd actions cannot run`);
   }
   if (action?.kind === 'signal' && action.pidFile !== null && !(await exists(action.pidFile))) {
     warn(`pid_file ${action.pidFile} does not exist (is the TURN server running?)`);
+  }
+  if ((action?.kind === 'restart' || action?.kind === 'signal') && action.docker !== null) {
+    const problem = await dockerSocketProblem(action.docker.socket);
+    if (problem !== null) warn(problem);
   }
   if (config.copyTo !== null && !(await exists(config.copyTo.dir))) {
     info(`copy_to.dir ${config.copyTo.dir} does not exist: it will be created`);

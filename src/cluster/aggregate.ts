@@ -4,8 +4,8 @@
 // How each kind of series combines:
 // - the data plane's counters, histograms and gauges (connections_total, bytes_total,
 //   active_connections, ...): summed over the workers (the primary has none of its own);
-// - the series the primary owns (route table, sources, cert watch, worker restarts): the
-//   primary's alone: workers leave them out of what they send (PRIMARY_METRICS);
+// - the series the primary owns (route table, sources, cert watch, worker restarts, build_info):
+//   the primary's alone: workers leave them out of what they send (PRIMARY_METRICS);
 // - process_* and nodejs_*: prom-client's rules: CPU, memory, descriptors and heap summed (the
 //   whole router's use), event-loop lag averaged (min/max for those), version the first; and the
 //   primary's value alone for process_start_time_seconds (prom-client would drop it) and
@@ -30,7 +30,7 @@ export const PRIMARY_METRICS: readonly string[] = [
   'route_table_generation', 'routes', 'route_conflicts_total',
   'source_updates_total', 'source_invalid_entries_total', 'source_last_success_timestamp_seconds', 'source_up',
   'cert_not_after_timestamp_seconds', 'cert_reloads_total', 'cert_invalid_total',
-  'worker_restarts_total', 'worker_connections_lost_total',
+  'worker_restarts_total', 'worker_connections_lost_total', 'build_info',
 ].map((n) => `${PREFIX}${n}`);
 
 /** Process-wide facts where the primary's value stands for the whole router. */

@@ -8,7 +8,7 @@ import type { BackendSpec } from '../model/route.ts';
 import { isOwnAddress, selfMessage } from '../model/self-address.ts';
 import { backend, listenAddress, routeList } from './routes.ts';
 import type {
-  CertAction, CertwatchConfig, Config, SourceConfig,
+  CertAction, CertwatchConfig, Config, DockerTarget, SourceConfig,
 } from './types.ts';
 import {
   ValueError, type Path, boolean, duration, integer, list, nonEmpty, object, oneOf, pathText, string,
@@ -290,26 +290,57 @@ function signalName(v: unknown, path: Path): NodeJS.Signals {
   return s as NodeJS.Signals;
 }
 
+/** Where the Docker Engine listens unless docker_socket says otherwise. */
+export const DEFAULT_DOCKER_SOCKET = '/var/run/docker.sock';
+/** Docker's own rule for container names (ids fit it too). */
+const DOCKER_CONTAINER_NAME = /^[a-zA-Z0-9][a-zA-Z0-9_.-]*$/;
+
+/**
+ * The one target of a signal or restart: `targets` are the keys that may name it. docker_socket
+ * belongs to docker_container.
+ */
+function actionTarget(o: Record<string, unknown>, p: Path, targets: readonly string[]): {
+  systemdUnit: string | null; pidFile: string | null; docker: DockerTarget | null;
+} {
+  const given = targets.filter((k) => o[k] !== undefined && o[k] !== null);
+  if (given.length !== 1) throw new ValueError(p, `${pathText(p)} needs exactly one of ${targets.join(', ')}`);
+  if (o.docker_socket !== undefined && o.docker_socket !== null && given[0] !== 'docker_container') {
+    throw new ValueError([...p, 'docker_socket'], `${pathText(p)}.docker_socket goes only with docker_container`);
+  }
+  let docker: DockerTarget | null = null;
+  if (given[0] === 'docker_container') {
+    const container = nonEmpty(o.docker_container, [...p, 'docker_container']);
+    if (!DOCKER_CONTAINER_NAME.test(container)) {
+      throw new ValueError([...p, 'docker_container'], `${pathText(p)}.docker_container "${container.slice(0, 80)}" is not a Docker container name `
+        + '(a letter or digit, then letters, digits, \'_\', \'.\' or \'-\')');
+    }
+    const socket = opt(o, 'docker_socket', p, nonEmpty, DEFAULT_DOCKER_SOCKET);
+    if (!socket.startsWith('/')) throw new ValueError([...p, 'docker_socket'], `${pathText(p)}.docker_socket must be an absolute path`);
+    docker = { container, socket };
+  }
+  return {
+    systemdUnit: given[0] === 'systemd_unit' ? nonEmpty(o.systemd_unit, [...p, 'systemd_unit']) : null,
+    pidFile: given[0] === 'pid_file' ? nonEmpty(o.pid_file, [...p, 'pid_file']) : null,
+    docker,
+  };
+}
+
 function certAction(v: unknown, path: Path): CertAction {
   const o = object(v, path, ['signal', 'restart', 'exec']);
   const given = Object.keys(o).filter((k) => o[k] !== undefined && o[k] !== null);
   if (given.length !== 1) throw new ValueError(path, `${pathText(path)} needs exactly one of signal, restart, exec`);
   if (o.signal !== undefined && o.signal !== null) {
     const p = [...path, 'signal'];
-    const s = object(o.signal, p, ['systemd_unit', 'pid_file', 'signal']);
-    const systemdUnit = opt<string | null>(s, 'systemd_unit', p, nonEmpty, null);
-    const pidFile = opt<string | null>(s, 'pid_file', p, nonEmpty, null);
-    if ((systemdUnit === null) === (pidFile === null)) {
-      throw new ValueError(p, `${pathText(p)} needs exactly one of systemd_unit, pid_file`);
-    }
+    const s = object(o.signal, p, ['systemd_unit', 'pid_file', 'docker_container', 'docker_socket', 'signal']);
+    const target = actionTarget(s, p, ['systemd_unit', 'pid_file', 'docker_container']);
     if (s.signal === undefined) throw new ValueError(p, `${pathText(p)} needs signal (e.g. SIGUSR2)`);
-    return { kind: 'signal', systemdUnit, pidFile, signal: signalName(s.signal, [...p, 'signal']) };
+    return { kind: 'signal', ...target, signal: signalName(s.signal, [...p, 'signal']) };
   }
   if (o.restart !== undefined && o.restart !== null) {
     const p = [...path, 'restart'];
-    const r = object(o.restart, p, ['systemd_unit']);
-    if (r.systemd_unit === undefined) throw new ValueError(p, `${pathText(p)} needs systemd_unit`);
-    return { kind: 'restart', systemdUnit: nonEmpty(r.systemd_unit, [...p, 'systemd_unit']) };
+    const r = object(o.restart, p, ['systemd_unit', 'docker_container', 'docker_socket']);
+    const { systemdUnit, docker } = actionTarget(r, p, ['systemd_unit', 'docker_container']);
+    return { kind: 'restart', systemdUnit, docker };
   }
   const p = [...path, 'exec'];
   const argv = list(o.exec, p).map((a, i) => nonEmpty(a, [...p, i]));

@@ -55,9 +55,21 @@ export interface RedisSourceConfig {
 
 export type SourceConfig = FileSourceConfig | PostgresSourceConfig | RedisSourceConfig;
 
+/** A container that on_change restarts or signals through the Docker Engine API. */
+export interface DockerTarget {
+  /** Its name or id. */
+  readonly container: string;
+  /** The Engine's unix socket. */
+  readonly socket: string;
+}
+
+/** Exactly one target is set: systemdUnit, pidFile (signal only) or docker. */
 export type CertAction =
-  | { readonly kind: 'signal'; readonly systemdUnit: string | null; readonly pidFile: string | null; readonly signal: NodeJS.Signals }
-  | { readonly kind: 'restart'; readonly systemdUnit: string }
+  | {
+    readonly kind: 'signal'; readonly systemdUnit: string | null; readonly pidFile: string | null;
+    readonly docker: DockerTarget | null; readonly signal: NodeJS.Signals;
+  }
+  | { readonly kind: 'restart'; readonly systemdUnit: string | null; readonly docker: DockerTarget | null }
   | { readonly kind: 'exec'; readonly argv: readonly string[] };
 
 export interface CertwatchConfig {

@@ -1,9 +1,10 @@
-// Admin HTTP: /metrics, /healthz, /readyz, /routes. Bound to loopback unless the operator writes
+// Admin HTTP: /metrics, /healthz, /readyz, /routes, /version. Bound to loopback unless the operator writes
 // another address. It serves reads only; nothing here changes the router.
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { ListenAddress } from '../config/types.ts';
 import type { Logger } from '../log.ts';
+import { buildInfo } from '../version.ts';
 
 export interface AdminHandlers {
   /** Prometheus text and its content type. */
@@ -74,9 +75,15 @@ export class AdminServer {
         res.writeHead(200, { 'content-type': 'application/json' });
         res.end(`${JSON.stringify(this.#handlers.routes(), null, 2)}\n`);
         return;
+      case '/version': {
+        const { version, node } = buildInfo();
+        res.writeHead(200, { 'content-type': 'application/json' });
+        res.end(`${JSON.stringify({ version, node })}\n`);
+        return;
+      }
       default:
         res.writeHead(404, { 'content-type': 'text/plain' });
-        res.end('not found: try /metrics, /healthz, /readyz or /routes\n');
+        res.end('not found: try /metrics, /healthz, /readyz, /routes or /version\n');
     }
   }
 }

@@ -3,6 +3,7 @@
 // "fallback", `backend` a configured name, `reason`/`result`/`scope` come from fixed lists; a
 // client's SNI never becomes a label.
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { buildInfo } from '../version.ts';
 import { CellCounter, CellGauge, CellHistogram, type CounterCell, type GaugeCell, type HistogramCell } from './cells.ts';
 
 const PREFIX = 'sni_router_';
@@ -49,6 +50,7 @@ export class Metrics {
   readonly acceptErrors: Counter<'code'>;
   readonly workerRestarts: Counter;
   readonly workerConnectionsLost: Counter;
+  readonly buildInfo: Gauge<'version' | 'node'>;
   readonly #collectHooks: Array<() => void> = [];
 
   constructor(opts: { defaultMetrics?: boolean } = {}) {
@@ -189,6 +191,13 @@ export class Metrics {
       help: 'Connections open in a worker when it exited unexpectedly, as of its last heartbeat (workers > 1).',
       registers: r,
     });
+    this.buildInfo = new Gauge({
+      name: `${PREFIX}build_info`,
+      help: 'Always 1; its labels say which version of sni-router runs, on which Node.js.',
+      labelNames: ['version', 'node'],
+      registers: r,
+    });
+    this.buildInfo.set({ ...buildInfo() }, 1);
     for (const reason of ['not_tls', 'malformed', 'too_large', 'timeout', 'closed']) {
       this.clientHelloFailures.inc({ reason }, 0);
     }
