@@ -10,6 +10,7 @@ import {
   type CertPair, makeCert, rawExchange, metricValue, recordingBackend, sleep, tempDir, tlsBackend, tlsHello, waitFor,
 } from './helpers.ts';
 import { buildHello } from './support/hellos.ts';
+import { REDIS_PORT, createTestDatabase, randomSuffix, redisClient, redisClientIds, redisSettled } from './support/sources.ts';
 
 const BIN = join(import.meta.dirname, '..', 'bin', 'sni-router');
 
@@ -160,6 +161,56 @@ describe('signals', () => {
 });
 
 describe('hostile conditions', () => {
+  test('100 alternating SIGHUPs leave exactly one client per configured source, and the router serving', async () => {
+    const web = await tlsBackend('web', cert);
+    const db = await createTestDatabase();
+    const redis = redisClient();
+    const suffix = randomSuffix();
+    const file = join(dir, 'storm.yaml');
+    // Two configs that differ in every source's settings, so that each reload replaces both sources.
+    const write = (n: number) => config(file, [
+      `fallback: { addr: "127.0.0.1:${web.port}" }`,
+      'sources:',
+      `  - { type: redis, name: r-${suffix}, url: "redis://127.0.0.1:${REDIS_PORT}/0", key: "k-${suffix}", resync_interval: ${30 + (n % 2)}s }`,
+      `  - { type: postgres, name: p-${suffix}, url: "${db.url()}", interval: ${10 + (n % 2)}s, listen_channel: sni_router_routes,`,
+      '      params: { base_domain: example.com, node_id: node-1 } }',
+    ].join('\n'));
+    write(0);
+    const p = await spawnRouter(file);
+    try {
+      await redisSettled(redis, `r-${suffix}`);
+      for (let i = 1; i <= 100; i++) {
+        write(i);
+        p.child.kill('SIGHUP');
+        await sleep(i % 10 === 0 ? 30 : 2);
+      }
+      await waitFor(() => p.logs.filter((l) => l.msg === 'config reloaded').length >= 1, 20_000, 'the reloads');
+      // Every reload has run (the last SIGHUPs join one queued reload), and nothing more is pending.
+      let reloads = -1;
+      await waitFor(async () => {
+        const n = p.logs.filter((l) => l.msg === 'config reloaded').length;
+        const settled = n === reloads;
+        reloads = n;
+        await sleep(500);
+        return settled;
+      }, 30_000, 'the reloads to settle');
+      await sleep(1500);
+      assert.equal((await redisClientIds(redis, `r-${suffix}`)).length, 2, 'one reading and one subscribed Redis connection');
+      const pgSessions = await db.db.query<{ n: number }>(
+        "SELECT count(*)::int AS n FROM pg_stat_activity WHERE application_name LIKE $1", [`sni-router:p-${suffix}%`]);
+      assert.equal(pgSessions.rows[0].n, 2, 'one reading and one LISTEN PostgreSQL session');
+      assert.match((await tlsHello(p.port, 'cdn.example.com')).line, /^web /);
+      assert.equal(p.child.exitCode, null);
+      p.child.kill('SIGTERM');
+      assert.equal(await p.exit, 0);
+    } finally {
+      p.child.kill('SIGKILL');
+      redis.disconnect();
+      await db.drop();
+      await web.close();
+    }
+  });
+
   test('connections never take every file descriptor: past the cap they are shed; it keeps serving once they free up', async () => {
     const rec = await recordingBackend({ reply: 'hi' });
     const file = config(join(dir, 'emfile.yaml'), `fallback: { name: rec, addr: "127.0.0.1:${rec.port}" }\n`);
