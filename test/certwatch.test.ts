@@ -1053,6 +1053,37 @@ describe('certwatch: hostile input', { concurrency: true }, () => {
     }
   });
 
+  test('stop() returns within a few seconds while a deployment is stuck', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-stuck-');
+    const ca = new TestCa(dir);
+    const pair = ca.renewal(DAY);
+    writeFileSync(join(dir, 'turn.crt'), pair.cert);
+    writeFileSync(join(dir, 'turn.key'), pair.key);
+    // An action that does not return for a long while (a systemctl waiting on a hung unit, say).
+    const pidFile = join(dir, 'stuck.pid');
+    const stuck = join(dir, 'stuck');
+    writeFileSync(stuck, `#!/bin/sh\necho $$ > '${pidFile}'\nexec sleep 25\n`);
+    chmodSync(stuck, 0o755);
+    const r = await run([entry({
+      cert: join(dir, 'turn.crt'), key: join(dir, 'turn.key'), onChange: { kind: 'exec', argv: [stuck] }, minIntervalMs: 0,
+    })], undefined, { stopWaitMs: 1500 });
+    try {
+      await r.waitFor(() => statSync(pidFile, { throwIfNoEntry: false }) !== undefined, 10_000, 'the action to start');
+      const began = Date.now();
+      await r.handle.stop();
+      const ms = Date.now() - began;
+      assert.ok(ms < 1500 + 1500, `stop() took ${ms} ms`);
+      assert.ok(logged(r, 'certwatch stopped while a scan or deployment was still under way'));
+    } finally {
+      try {
+        process.kill(Number(readFileSync(pidFile, 'utf8')), 'SIGKILL');
+      } catch {
+        // never started, or gone
+      }
+      cleanup();
+    }
+  });
+
   test('judgePair: a self-signed certificate and a leaf + CA chain pass the chain check; a swapped chain does not', () => {
     const { dir, cleanup } = tempDir('sni-router-certwatch-judge-');
     try {
