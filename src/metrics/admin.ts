@@ -38,7 +38,8 @@ export class AdminServer {
     });
     // Scrapers and health checks make one short request at a time: anything beyond a few dozen
     // connections, or slower than a few seconds, is a flood. Over the cap a connection is closed
-    // as soon as it is accepted, so the flood holds no descriptor of the data plane's budget.
+    // as soon as it is accepted, so a flood holds at most MAX_CONNECTIONS descriptors of the
+    // budget the data plane shares, each for a few seconds.
     this.#server.maxConnections = MAX_CONNECTIONS;
     this.#server.keepAliveTimeout = 5000;
     this.#server.headersTimeout = 5000;
