@@ -1,14 +1,15 @@
 // Admin HTTP, from the outside: /healthz, /readyz through a SIGTERM-style drain, /routes through a
 // live replace, and the answers to anything else.
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import { App } from '../src/app.ts';
 import { parseConfig } from '../src/config/load.ts';
 import { RouteTable } from '../src/router/table.ts';
-import { FIXTURES, memoryLogger, rawExchange, recordingBackend, startRouter, waitFor } from './helpers.ts';
+import { FIXTURES, memoryLogger, rawExchange, recordingBackend, sleep, startRouter, tempDir, waitFor } from './helpers.ts';
+import { spawnRouterProcess } from './support/process.ts';
 
 interface RoutesView {
   generation: number;
@@ -180,4 +181,65 @@ sources:
   assert.equal((await get(adminPort, '/healthz')).status, 200);
   await starting;
   assert.equal((await get(adminPort, '/readyz')).status, 200);
+});
+
+test('300 idle and slowloris connections to the admin port are capped and timed out; the data plane keeps routing', async (t) => {
+  const { dir, cleanup } = tempDir('sni-router-admin-flood-');
+  const backend = await recordingBackend({ reply: 'caddy\n' });
+  const file = join(dir, 'router.yaml');
+  writeFileSync(file, `listen: "127.0.0.1:0"\nadmin: { listen: "127.0.0.1:0" }\nfallback: { name: web, addr: "127.0.0.1:${backend.port}" }\n`);
+  // A real process: its descriptors are what the flood would exhaust.
+  const router = await spawnRouterProcess(file);
+  const sockets: net.Socket[] = [];
+  t.after(async () => {
+    for (const s of sockets) s.destroy();
+    router.child.kill('SIGKILL');
+    await router.exit;
+    await backend.close();
+    cleanup();
+  });
+  assert.equal((await get(router.adminPort, '/healthz')).status, 200);
+  await sleep(200); // fetch's keep-alive connection
+  const baseline = router.fds();
+
+  const opened = Date.now();
+  const closedAt: number[] = [];
+  for (let i = 0; i < 300; i++) {
+    const s = net.connect({ host: '127.0.0.1', port: router.adminPort });
+    s.on('error', () => {});
+    s.resume(); // reads, so that the router's FIN is seen
+    s.on('close', () => closedAt.push(Date.now()));
+    // A third says nothing, a third sends headers that never end, a third one header byte every 500 ms.
+    if (i % 3 === 1) s.on('connect', () => s.write('GET /healthz HTTP/1.1\r\nHost: x\r\n'));
+    if (i % 3 === 2) {
+      s.on('connect', () => {
+        s.write('GET /metrics HTTP/1.1\r\nX-Slow: ');
+        const drip = setInterval(() => s.write('x'), 500);
+        s.on('close', () => clearInterval(drip));
+      });
+    }
+    sockets.push(s);
+  }
+  let peak = 0;
+  const sampler = setInterval(() => {
+    peak = Math.max(peak, router.fds() - baseline);
+  }, 100);
+  try {
+    await waitFor(() => sockets.every((s) => !s.connecting), 5000, 'the connections to be made');
+    await sleep(1000);
+    // The data plane routes meanwhile.
+    const reply = await rawExchange(router.port, [Buffer.from('GET / HTTP/1.0\r\n\r\n')], { timeoutMs: 3000 });
+    assert.equal(reply.toString(), 'caddy\n', 'routed to the fallback while the admin port is flooded');
+    assert.ok(peak <= 64 + 16, `the router held ${peak} more descriptors during the flood (cap 64)`);
+    assert.ok(closedAt.length >= 300 - 64, `${closedAt.length} of 300 connections closed at once by the cap`);
+    // The rest are closed by headersTimeout (5 s, checked every second).
+    await waitFor(() => closedAt.length === 300, 15_000, 'every admin connection to be closed');
+    const lastMs = Math.max(...closedAt) - opened;
+    assert.ok(lastMs <= 5000 + 4000, `the last slow connection was closed ${lastMs} ms after it opened`);
+    t.diagnostic(`peak: ${peak} descriptors over the baseline; the last connection closed after ${lastMs} ms`);
+    assert.deepEqual(await get(router.adminPort, '/healthz'), { status: 200, body: 'ok\n', type: 'text/plain' });
+  } finally {
+    clearInterval(sampler);
+  }
+  assert.ok(peak <= 64 + 16, `the router held ${peak} more descriptors during the flood (cap 64)`);
 });

@@ -6,21 +6,25 @@
 // coturn (turnserver, turnutils_peer, turnutils_uclient) is a Debian package. Outside CI a missing
 // one skips the tests that need it; in CI (CI=true) it fails them.
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
+import { X509Certificate } from 'node:crypto';
 import {
-  chmodSync, chownSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, utimesSync, writeFileSync,
+  chmodSync, chownSync, closeSync, constants as fsConstants, ftruncateSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, statSync,
+  symlinkSync, utimesSync, writeFileSync, writeSync,
 } from 'node:fs';
 import { join } from 'node:path';
 import tls from 'node:tls';
 import { describe, test } from 'node:test';
 import { runAction } from '../src/certwatch/action.ts';
-import { inspectCertwatch, startCertwatch, type CertwatchHandle } from '../src/certwatch/index.ts';
+import { inspectCertwatch, startCertwatch, type CertwatchHandle, type Tuning } from '../src/certwatch/index.ts';
+import { judgePair } from '../src/certwatch/pair.ts';
 import type { CertAction, CertwatchConfig } from '../src/config/types.ts';
 import { Metrics } from '../src/metrics/metrics.ts';
-import { memoryLogger, metricValue, sleep, startRouter, tempDir, waitFor } from './helpers.ts';
+import { makeCert, memoryLogger, metricValue, sleep, startRouter, tempDir, waitFor } from './helpers.ts';
 import {
   CaddyStorage, DAY, DOMAIN, HOUR, type Issued, LE, STAGING, TestCa, ZEROSSL, fingerprintOf,
 } from './support/caddy.ts';
+import { BIN, type RouterProcess, spawnRouterProcess } from './support/process.ts';
 import { Proc, runUclient, startCoturn, startTurnPeer, toolGate } from './support/turn.ts';
 
 const coturnGate = toolGate(['turnserver', 'turnutils_peer', 'turnutils_uclient']);
@@ -85,10 +89,10 @@ interface Running {
   waitFor(cond: () => boolean | Promise<boolean>, ms: number, what: string): Promise<void>;
 }
 
-async function run(configs: CertwatchConfig[], env?: NodeJS.ProcessEnv): Promise<Running> {
+async function run(configs: CertwatchConfig[], env?: NodeJS.ProcessEnv, tuning?: Partial<Tuning>): Promise<Running> {
   const metrics = new Metrics({ defaultMetrics: false });
   const { logger, lines } = memoryLogger('debug');
-  const handle = await startCertwatch(configs, { logger, metrics, env });
+  const handle = await startCertwatch(configs, { logger, metrics, env, tuning });
   const metric = async (name: string, labels: Record<string, string> = {}) => metricValue(await metrics.registry.metrics(), name, labels);
   return {
     handle, metrics, logs: lines, metric,
@@ -734,6 +738,248 @@ describe('certwatch', { concurrency: true }, () => {
       await r.handle.stop();
       cleanup();
       rmSync(storage.root, { recursive: true, force: true });
+    }
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Hostile storage: what an attacker who may write into Caddy's storage (or a broken disk) leaves
+
+/** A FIFO, as mkfifo(1) makes it. */
+function mkfifo(path: string): void {
+  execFileSync('mkfifo', ['-m', '0600', path]);
+}
+
+/**
+ * Ends an open() still blocked on the FIFO (code that opens it without O_NONBLOCK waits for a
+ * writer forever), so that a test of such code fails instead of hanging its process.
+ */
+function releaseFifo(path: string): void {
+  try {
+    closeSync(openSync(path, fsConstants.O_WRONLY | fsConstants.O_NONBLOCK));
+  } catch {
+    // ENXIO: nobody is reading it; ENOENT: gone.
+  }
+}
+
+/** The PEM blocks of a chain, each with its newline. */
+function pemBlocks(pem: Buffer): Buffer[] {
+  return (pem.toString('latin1').match(/-----BEGIN CERTIFICATE-----[\s\S]*?-----END CERTIFICATE-----\n?/g) ?? []).map((b) => Buffer.from(b));
+}
+
+describe('certwatch: hostile input', { concurrency: true }, () => {
+  test('a FIFO, a key symlinked out of storage and a 2 GB sparse certificate are skipped with a reason; later renewals are still deployed', async (t) => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-hostile-');
+    const ca = new TestCa(dir);
+    const rogue = new TestCa(join(dir, 'rogue'));
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    const first = ca.renewal(30 * DAY);
+    storage.renew(LE, first);
+    const copyDir = join(dir, 'turn-certs');
+    seedCopyTo(copyDir, first);
+    // A FIFO where the ZeroSSL certificate belongs: open() without O_NONBLOCK waits for a writer.
+    storage.renew(ZEROSSL, ca.renewal(2 * HOUR));
+    const fifo = join(storage.dir(ZEROSSL), `${DOMAIN}.crt`);
+    rmSync(fifo);
+    mkfifo(fifo);
+    // Another key of this host, and a certificate from another CA carrying its public key: fit in
+    // every other way, and newer than anything else, but its key is a symlink out of the storage.
+    const forged = rogue.renewal(10 * 60_000);
+    const hostKey = join(dir, 'host-secrets', 'turn.key');
+    mkdirSync(join(dir, 'host-secrets'));
+    writeFileSync(hostKey, forged.key, { mode: 0o600 });
+    storage.renew(STAGING, { cert: forged.cert, key: Buffer.from('replaced by the symlink') });
+    rmSync(join(storage.dir(STAGING), `${DOMAIN}.key`));
+    symlinkSync(hostKey, join(storage.dir(STAGING), `${DOMAIN}.key`));
+    // 2 GB that take no disk: a sparse certificate (ftruncate).
+    storage.renew('local', ca.renewal(3 * HOUR));
+    const sparse = openSync(join(storage.dir('local'), `${DOMAIN}.crt`), 'w');
+    ftruncateSync(sparse, 2e9);
+    closeSync(sparse);
+
+    const rss = { base: process.memoryUsage.rss(), max: 0 };
+    const sampler = setInterval(() => {
+      rss.max = Math.max(rss.max, process.memoryUsage.rss());
+    }, 20);
+    const reload = recorder(dir, 'reload');
+    const r = await run([entry({
+      caddyStorage: storage.root, copyTo: { dir: copyDir, mode: 0o640 }, onChange: { kind: 'exec', argv: [reload.path] }, minIntervalMs: 0,
+    })]);
+    const reasons = ['not_regular_file', 'outside_storage', 'too_large'];
+    try {
+      for (const reason of reasons) {
+        await r.waitFor(async () => (await invalid(r, reason)) === 1, 10_000, `cert_invalid_total{reason="${reason}"}`);
+      }
+      const rejected = r.logs.filter((l) => l.msg === 'certificate pair rejected').map((l) => `${l.where as string} ${l.reason as string}`);
+      assert.deepEqual(rejected.sort(), [`${STAGING}/${DOMAIN} outside_storage`, `${ZEROSSL}/${DOMAIN} not_regular_file`, `local/${DOMAIN} too_large`]);
+      assert.equal(reload.calls().length, 0, 'copy_to holds the newest usable pair: nothing to do');
+
+      // A renewal issued an hour ago into an issuer directory of its own: older than the forged
+      // certificate, yet deployed, since a refused file says nothing about which pair is newest.
+      const renewal = ca.renewal(HOUR);
+      storage.renew('acme.example-ca.test', renewal);
+      await r.waitFor(() => reload.calls().length === 1, 10_000, 'the renewal to be deployed');
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), renewal.fingerprint);
+      assert.deepEqual(readFileSync(copyFiles(copyDir).key), renewal.key);
+
+      // Caddy renames a real certificate over the FIFO: that newer pair is deployed too.
+      const fixed = ca.renewal(HOUR / 2);
+      storage.renew(ZEROSSL, fixed);
+      await r.waitFor(() => reload.calls().length === 2, 10_000, 'the pair that replaced the FIFO');
+      assert.equal(fingerprintOf(readFileSync(copyFiles(copyDir).cert)), fixed.fingerprint);
+      assert.notDeepEqual(readFileSync(copyFiles(copyDir).key), forged.key, 'the host key was never copied out');
+      for (const reason of reasons) assert.equal(await invalid(r, reason), 1, `${reason}: counted once, not at every scan`);
+      const grewMiB = Math.round((Math.max(rss.max, rss.base) - rss.base) / 2 ** 20);
+      assert.ok(grewMiB < 256, `RSS grew by ${grewMiB} MiB: the sparse file was read`);
+      t.diagnostic(`RSS grew by at most ${grewMiB} MiB`);
+    } finally {
+      clearInterval(sampler);
+      releaseFifo(fifo);
+      await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('with a FIFO in storage, `sni-router check` returns promptly and names it, and SIGTERM still stops the router with 0', async (t) => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-fifo-process-');
+    const ca = new TestCa(dir);
+    const storage = new CaddyStorage(join(dir, 'caddy'));
+    storage.renew(LE, ca.renewal(DAY));
+    const fifo = join(storage.dir(LE), `${DOMAIN}.crt`);
+    rmSync(fifo);
+    mkfifo(fifo);
+    const file = join(dir, 'router.yaml');
+    writeFileSync(file, `listen: "127.0.0.1:0"\nadmin: { listen: "127.0.0.1:0" }\nshutdown_grace: 1s\n${
+      routerYaml(storage.root, join(dir, 'turn-certs'), recorder(dir, 'reload').path)}`);
+    let proc: RouterProcess | null = null;
+    try {
+      const began = Date.now();
+      const checked = await new Promise<{ code: number | string | null; stdout: string }>((resolve) => {
+        execFile(BIN, ['check', '--config', file], { timeout: 15_000, killSignal: 'SIGKILL' }, (err, stdout) => {
+          resolve({ code: err === null ? 0 : (err as NodeJS.ErrnoException & { code?: number | string }).code ?? null, stdout });
+        });
+      });
+      const checkMs = Date.now() - began;
+      releaseFifo(fifo);
+      assert.ok(checkMs < 8000, `check took ${checkMs} ms`);
+      assert.equal(checked.code, 0, checked.stdout);
+      assert.match(checked.stdout, new RegExp(`certwatch cdn: warn: ${LE}/${DOMAIN}: not_regular_file`), checked.stdout);
+
+      const running = await spawnRouterProcess(file);
+      proc = running;
+      const rejected = () => running.logs.some((l) => l.msg === 'certificate pair rejected' && l.reason === 'not_regular_file');
+      await waitFor(rejected, 3000, 'the FIFO to be rejected').catch(() => {});
+      const signalled = Date.now();
+      running.child.kill('SIGTERM');
+      const exited = await Promise.race([running.exit, sleep(1000 + 7000).then(() => null)]);
+      assert.deepEqual(exited, { code: 0, signal: null }, `exit after SIGTERM (${Date.now() - signalled} ms): ${running.stderr()}`);
+      assert.ok(rejected(), 'the FIFO was logged as rejected');
+      t.diagnostic(`check returned after ${checkMs} ms; the router exited ${Date.now() - signalled} ms after SIGTERM`);
+    } finally {
+      releaseFifo(fifo);
+      if (proc !== null && proc.child.exitCode === null && proc.child.signalCode === null) proc.child.kill('SIGKILL');
+      await proc?.exit;
+      cleanup();
+    }
+  });
+
+  test('a chain whose certificate is not signed by the next one, and a lone leaf from an unknown CA, are refused as bad_chain', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-chain-');
+    const ca = new TestCa(dir);
+    const rogue = new TestCa(join(dir, 'rogue'));
+    const storages = new Map(['broken', 'forged', 'anchored'].map((n) => [n, new CaddyStorage(join(dir, n))]));
+    // Our CA's leaf followed by the rogue CA's certificate, which did not sign it.
+    const b = ca.renewal(HOUR);
+    storages.get('broken')!.renew(LE, { cert: Buffer.concat([pemBlocks(b.cert)[0], rogue.root()]), key: b.key });
+    // A leaf alone, issued by a CA neither the system nor Caddy knows.
+    const f = rogue.renewal(HOUR);
+    storages.get('forged')!.renew(LE, { cert: pemBlocks(f.cert)[0], key: f.key });
+    // A leaf alone, issued by Caddy's own CA, whose root is in <storage>/pki/authorities/local.
+    const anchored = storages.get('anchored')!;
+    const a = ca.renewal(HOUR);
+    anchored.renew('local', { cert: pemBlocks(a.cert)[0], key: a.key });
+    const authority = join(anchored.root, 'pki', 'authorities', 'local');
+    mkdirSync(authority, { recursive: true });
+    writeFileSync(join(authority, 'root.crt'), ca.root());
+    const reload = recorder(dir, 'reload');
+    const r = await run([...storages].map(([name, s]) => entry({
+      name, caddyStorage: s.root, onChange: { kind: 'exec', argv: [reload.path, name] }, minIntervalMs: 0,
+    })), undefined, { settleIntervalMs: 200 });
+    const badChain = (cert: string) => r.metric('sni_router_cert_invalid_total', { cert, reason: 'bad_chain' });
+    try {
+      await r.waitFor(async () => (await badChain('broken')) === 1 && (await badChain('forged')) === 1, 10_000, 'both chains to be refused');
+      await r.waitFor(() => reload.calls().length === 1, 10_000, 'the anchored leaf to be deployed');
+      assert.deepEqual(reload.calls().map((c) => c.args), [['anchored']]);
+      assert.equal(await badChain('anchored'), 0);
+      // Without its root the same kind of lone leaf is refused: the root is what vouched for it.
+      rmSync(join(authority, 'root.crt'));
+      const next = ca.renewal(HOUR / 2);
+      anchored.renew('local', { cert: pemBlocks(next.cert)[0], key: next.key });
+      await r.waitFor(async () => (await badChain('anchored')) === 1, 10_000, 'the unanchored lone leaf to be refused');
+      // The whole chain (leaf + CA, as Caddy stores what an ACME CA sends) is fine.
+      anchored.renew('local', ca.renewal(HOUR / 4));
+      await r.waitFor(() => reload.calls().length === 2, 10_000, 'the full chain to be deployed');
+      assert.equal(reload.calls().length, 2, 'broken and forged were never deployed');
+    } finally {
+      await r.handle.stop();
+      cleanup();
+    }
+  });
+
+  test('stop() returns within a few seconds while a deployment is stuck', async () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-stuck-');
+    const ca = new TestCa(dir);
+    const pair = ca.renewal(DAY);
+    writeFileSync(join(dir, 'turn.crt'), pair.cert);
+    writeFileSync(join(dir, 'turn.key'), pair.key);
+    // An action that does not return for a long while (a systemctl waiting on a hung unit, say).
+    const pidFile = join(dir, 'stuck.pid');
+    const stuck = join(dir, 'stuck');
+    writeFileSync(stuck, `#!/bin/sh\necho $$ > '${pidFile}'\nexec sleep 25\n`);
+    chmodSync(stuck, 0o755);
+    const r = await run([entry({
+      cert: join(dir, 'turn.crt'), key: join(dir, 'turn.key'), onChange: { kind: 'exec', argv: [stuck] }, minIntervalMs: 0,
+    })], undefined, { stopWaitMs: 1500 });
+    try {
+      await r.waitFor(() => statSync(pidFile, { throwIfNoEntry: false }) !== undefined, 10_000, 'the action to start');
+      const began = Date.now();
+      await r.handle.stop();
+      const ms = Date.now() - began;
+      assert.ok(ms < 1500 + 1500, `stop() took ${ms} ms`);
+      assert.ok(logged(r, 'certwatch stopped while a scan or deployment was still under way'));
+    } finally {
+      try {
+        process.kill(Number(readFileSync(pidFile, 'utf8')), 'SIGKILL');
+      } catch {
+        // never started, or gone
+      }
+      cleanup();
+    }
+  });
+
+  test('judgePair: a self-signed certificate and a leaf + CA chain pass the chain check; a swapped chain does not', () => {
+    const { dir, cleanup } = tempDir('sni-router-certwatch-judge-');
+    try {
+      const self = makeCert(dir, DOMAIN);
+      assert.equal(judgePair(self.cert, self.key, DOMAIN).ok, true, 'self-signed (helpers.ts makeCert)');
+      const ca = new TestCa(dir);
+      const pair = ca.renewal(HOUR);
+      assert.equal(judgePair(pair.cert, pair.key, DOMAIN).ok, true, 'leaf + CA (TestCa)');
+      const [leaf, root] = pemBlocks(pair.cert);
+      const swapped = judgePair(Buffer.concat([root, leaf]), pair.key, DOMAIN);
+      assert.equal(swapped.ok ? null : swapped.reason, 'key_mismatch', 'the leaf comes first: here it is the CA');
+      const rogue = new TestCa(join(dir, 'rogue'));
+      const lone = judgePair(leaf, pair.key, DOMAIN);
+      assert.equal(lone.ok ? null : lone.reason, 'bad_chain', 'a lone leaf without its issuer among the anchors');
+      const anchoredByCa = judgePair(leaf, pair.key, DOMAIN, new Date(), [new X509Certificate(ca.root())]);
+      assert.equal(anchoredByCa.ok, true, 'the same leaf with its CA among the anchors');
+      const wrongAnchor = judgePair(leaf, pair.key, DOMAIN, new Date(), [new X509Certificate(rogue.root())]);
+      assert.equal(wrongAnchor.ok ? null : wrongAnchor.reason, 'bad_chain');
+      const mixed = judgePair(Buffer.concat([leaf, rogue.root()]), pair.key, DOMAIN);
+      assert.equal(mixed.ok ? null : mixed.reason, 'bad_chain');
+      assert.match(mixed.ok ? '' : mixed.detail, /certificate 1 .* certificate 2/);
+    } finally {
+      cleanup();
     }
   });
 });

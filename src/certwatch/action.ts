@@ -9,6 +9,7 @@ import { DEFAULT_DOCKER_SOCKET } from '../config/config.ts';
 import type { CertAction, DockerTarget } from '../config/types.ts';
 import type { DeployedPaths } from './deploy.ts';
 import { dockerContainerRequest } from './docker.ts';
+import { readSafely } from './safe-read.ts';
 
 /**
  * The systemctl binary. SNI_ROUTER_SYSTEMCTL replaces it, for tests only: a script that records its
@@ -99,7 +100,10 @@ export async function processStartMs(pid: number): Promise<number | null> {
  * the one that wrote it.
  */
 export async function readPidFile(file: string): Promise<number> {
-  const text = (await readFile(file, 'utf8')).trim();
+  const read = await readSafely(file, { within: null, maxBytes: 4096 });
+  if (read === null) throw new Error(`pid file ${file} does not exist`);
+  if (!read.ok) throw new Error(`pid file ${file}: ${read.reason}: ${read.detail}`);
+  const text = read.data.toString('utf8').trim();
   if (!/^\d+$/.test(text)) throw new Error(`pid file ${file} does not hold a pid: "${text.slice(0, 40)}"`);
   const pid = Number(text);
   // 0 would signal our own process group, 1 is init; a pid like that in a pid file is a mistake.

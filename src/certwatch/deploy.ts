@@ -10,12 +10,14 @@
 // in place at its next start, take it as deployed, and never tell the TURN server, which would
 // serve the old certificate until it expired.
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, rename, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import type { CertwatchConfig } from '../config/types.ts';
 import type { Candidate } from './find.ts';
-import { readPair } from './find.ts';
+import { bundledRoots } from './anchors.ts';
+import { readContext, readPair } from './find.ts';
 import type { Leaf } from './pair.ts';
+import { readSafely } from './safe-read.ts';
 import type { Deployed } from './select.ts';
 
 export interface DeployedPaths {
@@ -31,7 +33,10 @@ export function copyToPaths(copyTo: NonNullable<CertwatchConfig['copyTo']>, name
 export async function readCopyTo(config: CertwatchConfig, now = new Date()): Promise<Candidate | null> {
   if (config.copyTo === null) return null;
   const p = copyToPaths(config.copyTo, config.name);
-  return readPair(p.cert, p.cert, p.key, config.domain, false, now);
+  // copy_to is the operator's directory: no storage root to stay inside, but the same roots vouch
+  // for the chain as for the pair it was copied from.
+  const { anchors } = await readContext(config).catch(() => ({ anchors: bundledRoots() }));
+  return readPair(p.cert, p.cert, p.key, config.domain, false, { within: null, anchors }, now);
 }
 
 /** The record of the last pair on_change succeeded for. */
@@ -54,7 +59,8 @@ export function pairId(leaf: Leaf): string {
 export async function readDeployed(config: CertwatchConfig, now = new Date()): Promise<Deployed | null> {
   const held = await readCopyTo(config, now);
   if (held === null || held.verdict.leaf === null) return null;
-  const record = await readFile(actedPath(config.copyTo!, config.name), 'utf8').then((t) => t.trim(), () => null);
+  const read = await readSafely(actedPath(config.copyTo!, config.name), { within: null, maxBytes: 4096 });
+  const record = read?.ok === true ? read.data.toString('utf8').trim() : null;
   return { leaf: held.verdict.leaf, fit: held.verdict.ok, acted: record === null || record === pairId(held.verdict.leaf) };
 }
 

@@ -1,20 +1,35 @@
 // A certificate and its key, read as bytes and judged without I/O: does the PEM parse, does the
-// key match the leaf, is it valid now, does it cover the domain. The reasons a pair is refused are
-// the `reason` label of cert_invalid_total.
+// key match the leaf, does each certificate of the chain sign the one before, is it valid now,
+// does it cover the domain. The reasons a pair is refused are the `reason` label of
+// cert_invalid_total.
 import { X509Certificate, createHash, createPrivateKey } from 'node:crypto';
 
 export type InvalidReason =
   | 'missing' // a file of the pair does not exist
   | 'unreadable' // it exists but cannot be read (permissions)
+  | 'not_regular_file' // a FIFO, a device, a socket, a directory
+  | 'outside_storage' // in Caddy storage, a file that resolves outside it (a symlink leaving it)
+  | 'too_large' // over the size cap (safe-read.ts MAX_FILE_BYTES)
   | 'parse_error' // not PEM, or cut short
   | 'key_mismatch'
+  | 'bad_chain' // a certificate not signed by the next one, or a lone certificate nobody vouches for
   | 'expired'
   | 'not_yet_valid'
   | 'wrong_name'; // does not cover the domain
 
 export const INVALID_REASONS: readonly InvalidReason[] = [
-  'missing', 'unreadable', 'parse_error', 'key_mismatch', 'expired', 'not_yet_valid', 'wrong_name',
+  'missing', 'unreadable', 'not_regular_file', 'outside_storage', 'too_large', 'parse_error', 'key_mismatch', 'bad_chain',
+  'expired', 'not_yet_valid', 'wrong_name',
 ];
+
+/**
+ * Refusals of the files themselves rather than of a certificate: never a stage of Caddy writing a
+ * pair (it writes regular files of a few KiB, inside its storage, by rename), so there is nothing
+ * to wait for, and no date in them to order the pair by.
+ */
+export function refusesTheFiles(reason: InvalidReason): boolean {
+  return reason === 'not_regular_file' || reason === 'outside_storage' || reason === 'too_large';
+}
 
 /** What is known of a leaf certificate that parsed, whether or not the pair is usable. */
 export interface Leaf {
@@ -50,6 +65,9 @@ export interface BadPair {
 
 export type PairVerdict = GoodPair | BadPair;
 
+/** Real chains hold two to four certificates (leaf, intermediates, perhaps a cross-signed root). */
+const MAX_CHAIN = 8;
+
 const PEM_CERT = /-----BEGIN CERTIFICATE-----\r?\n[\s\S]*?-----END CERTIFICATE-----/g;
 
 /**
@@ -61,6 +79,8 @@ export function splitChain(pem: string): X509Certificate[] {
   const begins = pem.split('-----BEGIN CERTIFICATE-----').length - 1;
   if (blocks.length === 0) throw new Error('no PEM certificate block');
   if (begins !== blocks.length) throw new Error(`${begins} PEM blocks begin but ${blocks.length} certificates end (truncated file?)`);
+  // Each one is parsed and its signature checked on the event loop: a file of a thousand is no chain.
+  if (blocks.length > MAX_CHAIN) throw new Error(`${blocks.length} certificates in the chain (at most ${MAX_CHAIN})`);
   return blocks.map((b, i) => {
     try {
       return new X509Certificate(b);
@@ -106,8 +126,36 @@ export function contentHash(cert: Buffer | null, key: Buffer | null): string {
   return h.digest('hex');
 }
 
-/** Judges a pair read from disk (null: the file does not exist). */
-export function judgePair(cert: Buffer | null, key: Buffer | null, domain: string, now: Date = new Date()): PairVerdict {
+/**
+ * Why the chain does not hold together, or null when it does. Each certificate must be issued and
+ * signed by the next; the last one must be self-signed, or issued by one of the anchors (trusted
+ * roots: Node's and Caddy's own CA), or, in a chain of two or more, issued by a CA the anchors do
+ * not know (private ACME CAs exist). A lone certificate that is neither self-signed nor anchored
+ * is refused: anyone can make one for any public key, such as a key of this host.
+ */
+export function chainProblem(chain: readonly X509Certificate[], anchors: readonly X509Certificate[]): string | null {
+  for (let i = 0; i + 1 < chain.length; i++) {
+    if (!chain[i].checkIssued(chain[i + 1]) || !chain[i].verify(chain[i + 1].publicKey)) {
+      return `certificate ${i + 1} of the chain is not issued and signed by certificate ${i + 2}`;
+    }
+  }
+  const last = chain[chain.length - 1];
+  const where = chain.length === 1 ? 'the certificate' : `certificate ${chain.length} of the chain`;
+  if (last.checkIssued(last)) return last.verify(last.publicKey) ? null : `${where} is self-issued but its signature does not verify`;
+  const issuers = anchors.filter((a) => last.checkIssued(a));
+  if (issuers.some((a) => last.verify(a.publicKey))) return null;
+  if (issuers.length > 0) return `${where} names a trusted root as its issuer (${last.issuer.replace(/\n/g, ', ')}) but is not signed by it`;
+  if (chain.length === 1) return `a lone certificate issued by ${last.issuer.replace(/\n/g, ', ')}, which is not a trusted root, without its chain`;
+  return null;
+}
+
+/**
+ * Judges a pair read from disk (null: the file does not exist). `anchors` are the trusted roots a
+ * chain's last certificate may be issued by (see chainProblem).
+ */
+export function judgePair(
+  cert: Buffer | null, key: Buffer | null, domain: string, now: Date = new Date(), anchors: readonly X509Certificate[] = [],
+): PairVerdict {
   const hash = contentHash(cert, key);
   const bad = (reason: InvalidReason, detail: string, leaf: Leaf | null = null): BadPair => ({
     ok: false, reason, detail, leaf, contentHash: hash,
@@ -134,6 +182,15 @@ export function judgePair(cert: Buffer | null, key: Buffer | null, domain: strin
     return bad('parse_error', `key: ${(err as Error).message}`, leaf);
   }
   if (!matches) return bad('key_mismatch', 'the key does not belong to the certificate', leaf);
+  // Still ordered by its leaf's notBefore: a chain cut between two blocks (older Caddy rewriting
+  // in place) is one stage of a write, to be waited out like any other.
+  let problem: string | null;
+  try {
+    problem = chainProblem(chain, anchors);
+  } catch (err) {
+    problem = `the chain cannot be checked: ${(err as Error).message}`;
+  }
+  if (problem !== null) return bad('bad_chain', problem, leaf);
   if (now < leaf.notBefore) return bad('not_yet_valid', `valid from ${leaf.notBefore.toISOString()}`, leaf);
   if (now > leaf.notAfter) return bad('expired', `expired at ${leaf.notAfter.toISOString()}`, leaf);
   if (!coversDomain(x509, domain)) return bad('wrong_name', `does not cover ${domain} (${leaf.names || leaf.subject})`, leaf);

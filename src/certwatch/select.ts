@@ -7,8 +7,15 @@
 // written, or broken, never makes the watcher fall back to an older pair left in another issuer
 // directory. A pair whose certificate cannot be read at all cannot be ordered; it may be a file
 // being rewritten in place, so it is waited for before anything else is decided.
+//
+// The nuance: a pair refused for its files (a FIFO or a device, a symlink out of the storage, a
+// file over the size cap; pair.ts refusesTheFiles) is neither waited for nor ordered, even when
+// its other file holds a certificate. Caddy never writes such files, so they are no stage of a
+// renewal; and their dates are whatever their author chose: ordering them would let anyone who
+// can plant a symlink beside a forged certificate dated a minute ago pin the deployed pair until
+// it expires, renewals notwithstanding. They are reported once, and the usable pairs decide.
 import type { Candidate } from './find.ts';
-import type { GoodPair, Leaf } from './pair.ts';
+import { type GoodPair, type Leaf, refusesTheFiles } from './pair.ts';
 
 /** What the TURN server holds, as far as the watcher knows. */
 export interface Deployed {
@@ -60,7 +67,7 @@ export function selectPair(candidates: readonly Candidate[], deployed: Deployed 
   const ordered = candidates.filter((c) => c.verdict.leaf !== null).sort(newestFirst);
 
   if (!opts.final) {
-    const pending = unordered.filter(unsettled);
+    const pending = unordered.filter((c) => unsettled(c) && !(!c.verdict.ok && refusesTheFiles(c.verdict.reason)));
     if (ordered.length > 0 && unsettled(ordered[0])) pending.push(ordered[0]);
     if (pending.length > 0) return { kind: 'wait', pending };
   }

@@ -39,6 +39,8 @@ export interface Tuning {
   readonly actionTimeoutMs: number;
   /** Longest wait for the file watcher's first directory walk before going on. */
   readonly watchReadyMs: number;
+  /** Longest wait, at stop, for a scan or deployment under way. */
+  readonly stopWaitMs: number;
 }
 
 export const DEFAULT_TUNING: Tuning = {
@@ -51,6 +53,7 @@ export const DEFAULT_TUNING: Tuning = {
   dirPollMs: 2000,
   actionTimeoutMs: 30_000,
   watchReadyMs: 10_000,
+  stopWaitMs: 3000,
 };
 
 type Trigger = 'start' | 'event' | 'settle' | 'action' | 'periodic' | 'recheck';
@@ -145,8 +148,20 @@ export class CertWatcher {
     this.#debounce = this.#settleTimer = this.#actionTimer = this.#periodic = this.#dirPoll = null;
     await this.#fsw?.close();
     this.#fsw = null;
-    // A deployment under way finishes (an action has its own time limit).
-    await this.#running;
+    // A deployment under way may finish, for a while: shutdown must not wait on a filesystem call
+    // that never returns, nor on a slow action. One cut short is acted on again at the next
+    // start (copy_to's record still says "pending").
+    const running = this.#running;
+    if (running === null) return;
+    let timer: NodeJS.Timeout | undefined;
+    const finished = await Promise.race([
+      running.then(() => true),
+      new Promise<false>((done) => {
+        timer = setTimeout(() => done(false), this.#t.stopWaitMs);
+      }),
+    ]);
+    clearTimeout(timer);
+    if (!finished) this.#log.warn({ waited_ms: this.#t.stopWaitMs }, 'certwatch stopped while a scan or deployment was still under way');
   }
 
   // ------------------------------------------------------------------------------------------

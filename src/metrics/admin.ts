@@ -14,24 +14,45 @@ export interface AdminHandlers {
   routes(): unknown;
 }
 
+/** Concurrent admin connections; more are closed as soon as they are accepted. */
+export const MAX_CONNECTIONS = 64;
+const CHECK_INTERVAL_MS = 1000;
+const DROP_LOG_INTERVAL_MS = 60_000;
+
 export class AdminServer {
   readonly #server: http.Server;
   readonly #handlers: AdminHandlers;
   readonly #logger: Logger;
+  #droppedLoggedAt = Number.NEGATIVE_INFINITY;
 
   constructor(handlers: AdminHandlers, logger: Logger) {
     this.#handlers = handlers;
     this.#logger = logger;
-    this.#server = http.createServer((req, res) => {
+    // Node checks headersTimeout and requestTimeout only every connectionsCheckingInterval (30 s
+    // by default): connections that never finish their headers lived about 45 s.
+    this.#server = http.createServer({ connectionsCheckingInterval: CHECK_INTERVAL_MS }, (req, res) => {
       this.#handle(req, res).catch((err: Error) => {
         this.#logger.error({ err: err.message, path: req.url }, 'admin request failed');
         if (!res.headersSent) res.writeHead(500, { 'content-type': 'text/plain' });
         res.end('internal error\n');
       });
     });
+    // Scrapers and health checks make one short request at a time: anything beyond a few dozen
+    // connections, or slower than a few seconds, is a flood. Over the cap a connection is closed
+    // as soon as it is accepted, so a flood holds at most MAX_CONNECTIONS descriptors of the
+    // budget the data plane shares, each for a few seconds.
+    this.#server.maxConnections = MAX_CONNECTIONS;
     this.#server.keepAliveTimeout = 5000;
-    this.#server.headersTimeout = 10_000;
-    this.#server.requestTimeout = 30_000;
+    this.#server.headersTimeout = 5000;
+    this.#server.requestTimeout = 10_000;
+    // A response that is not read (or a socket that says nothing after its request).
+    this.#server.timeout = 10_000;
+    this.#server.on('drop', () => {
+      const now = Date.now();
+      if (now - this.#droppedLoggedAt < DROP_LOG_INTERVAL_MS) return;
+      this.#droppedLoggedAt = now;
+      this.#logger.warn({ max_connections: MAX_CONNECTIONS }, 'admin connection limit reached');
+    });
   }
 
   async listen(addr: ListenAddress): Promise<AddressInfo> {
@@ -43,8 +64,10 @@ export class AdminServer {
   }
 
   async close(): Promise<void> {
-    this.#server.closeIdleConnections();
-    await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    const closed = new Promise<void>((resolve) => this.#server.close(() => resolve()));
+    // Nothing here is worth waiting for at shutdown: a scrape cut short is retried.
+    this.#server.closeAllConnections();
+    await closed;
   }
 
   async #handle(req: http.IncomingMessage, res: http.ServerResponse): Promise<void> {

@@ -45,6 +45,11 @@ export class TestCa {
     ], { stdio: 'ignore' });
   }
 
+  /** The CA's own (self-signed) certificate, PEM. */
+  root(): Buffer {
+    return readFileSync(join(this.#dir, 'ca.crt'));
+  }
+
   /** `subject: ''` issues with an empty subject, names in subjectAltName only, as Caddy's own CA does. */
   issue(names: readonly string[], from: Date, to: Date, opts: { subject?: string } = {}): Issued {
     const n = ++this.#n;
