@@ -204,6 +204,8 @@ ${extra}`;
       { match: 'turn-{namespace}.{base_domain}', alpn: null, name: 'turn-{namespace}' },
       { match: '{namespace}.{node_id}.{base_domain}', alpn: { kind: 'list', protocols: ['h2'] }, name: 'web-{namespace}' },
     ]);
+    // Names alike for one namespace ("x") but not for every one are no twins.
+    assert.equal(parseConfig(pg('    names: [{ match: "x{namespace}.example.com" }, { match: "{namespace}x.example.com" }]\n'), 'x.yaml').sources.length, 1);
   });
 
   test('a template that cannot make names is an error at its line and column', () => {

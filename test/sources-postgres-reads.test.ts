@@ -49,6 +49,7 @@ test('an unchanged poll replaces nothing and rebuilds nothing; a change is read 
   const acme = await rg.backend('turn-acme');
   const beta = await rg.backend('turn-beta');
   await addNamespace(rg.d.db, { name: 'acme', port: acme.port });
+  await addNamespace(rg.d.db, { name: 'bad_name', port: acme.port });
   const cacheFile = join(rg.dir, 'cache.json');
   const intervalMs = 200;
   const r = await rg.start({ interval: `${intervalMs}ms`, cacheFile });
@@ -56,12 +57,15 @@ test('an unchanged poll replaces nothing and rebuilds nothing; a change is read 
   await waitFor(() => existsSync(cacheFile), 3000, 'the cache file');
   const cacheWritten = statSync(cacheFile).mtimeMs;
 
+  const invalidBefore = await r.metric('sni_router_source_invalid_entries_total', { source: rg.source });
   const { before, after } = await afterPolls(r, rg.source, 4);
   assert.equal(after.merges, before.merges, 'an unchanged poll builds no table');
   assert.equal(after.generation, before.generation, 'an unchanged poll replaces no table');
   assert.ok(after.lastSuccess > before.lastSuccess, 'an unchanged poll is a success');
   assert.equal(await r.metric('sni_router_source_up', { source: rg.source }), 1);
   assert.equal(statSync(cacheFile).mtimeMs, cacheWritten, 'nor rewrites the cache file');
+  // A standing invalid entry is still counted on every read (an alert on its rate keeps firing).
+  assert.ok(await r.metric('sni_router_source_invalid_entries_total', { source: rg.source }) >= invalidBefore + 4);
 
   // A change is a changed digest: the next poll reads the rows and replaces the table.
   const since = Date.now();

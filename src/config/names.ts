@@ -44,7 +44,9 @@ export function nameTemplates(v: unknown, path: Path, params: Readonly<Record<st
     const alpn = alpnCondition(o.alpn, [...p, 'alpn']);
     const name = o.name === undefined || o.name === null ? DEFAULT_BACKEND_NAME : nonEmpty(o.name, [...p, 'name']).trim();
     template(name, [...p, 'name'], params);
-    const key = `${sample}|${alpn === null ? 'stealth column' : alpnKey(alpn)}`;
+    // Twins make the same name for every namespace: the same text once params are filled in.
+    const shape = normalizeName(fillTemplate(matchTemplate, { ...params, namespace: '{namespace}' }));
+    const key = `${shape}|${alpn === null ? 'stealth column' : alpnKey(alpn)}`;
     const twin = seen.get(key);
     if (twin !== undefined) {
       throw new ValueError(p, `${pathText(p)} makes the same names as ${pathText([...path, twin])} (same match and alpn)`);
