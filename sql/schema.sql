@@ -7,21 +7,30 @@
 --
 -- The mapping the default query makes, for the router on node `params.node_id`:
 --
---   every namespace_webrtc_config row with enabled = true, joined with the webrtc_port_allocations
---   row of the same namespace_cluster_id, service_type = 'turn' and node_id = params.node_id, is
+--   every namespace_webrtc_config row with enabled true (boolean true, or integer 1), joined with
+--   the webrtc_port_allocations row of the same namespace_cluster_id, service_type = 'turn' and
+--   node_id = params.node_id, is one namespace, routed under each name of the source's `names`
+--   templates ({namespace} = namespace_name, {<param>} = params.<param>); without `names`:
 --
---     match:   turn-<namespace_name>.<params.base_domain>    (one label under the base domain,
---                                                            so the *.<base_domain> certificate covers it)
---     backend: name turn-<namespace_name>,
---              addr <params.backend_host, default 127.0.0.1>:<turn_tls_port>
---     alpn:    none when stealth_enabled (only a client offering no ALPN, i.e. a WebRTC TURN client,
---              reaches TURN; browsers and probers get the fallback's real site), else no condition.
+--     cdn.ns-<namespace_name>.<base_domain>   alpn none: only a client offering no ALPN (a WebRTC
+--                                             TURN client) reaches TURN; browsers and probers get
+--                                             the fallback's real site (the deployment guide's name)
+--     turn.ns-<namespace_name>.<base_domain>  alpn from stealth_enabled (the namespace service's DNS name)
+--
+--   each to backend turn-<namespace_name> at <params.backend_host, default 127.0.0.1>:<turn_tls_port>.
+--   A template without its own alpn takes it from stealth_enabled: true -> none, false -> no condition.
+--
+-- The default query reads namespace_name, namespace_cluster_id, enabled and (where the table has
+-- it) stealth_enabled, and node_id, namespace_cluster_id, service_type and turn_tls_port, so it
+-- works unchanged on the namespace service's own tables: there `enabled` is an INTEGER 0/1 and
+-- there is no stealth_enabled column (a template without alpn then has no condition). Those tables
+-- need the NOTIFY function and the two triggers below for `listen_channel` to see changes.
 --
 -- A disabled namespace, one without a 'turn' allocation on this node, or one whose allocation has
 -- no turn_tls_port yields no route (the last one is reported as an invalid entry and skipped).
 -- Namespace names are used as a DNS label: letters (compared lowercased), digits and '-', not at
--- either end, at most 58 characters; a row whose name is not one is skipped and counted, the
--- others still apply.
+-- either end, at most 63 characters; a namespace whose name is not one is skipped and counted, and
+-- so is a name too long to be a DNS name (a label over 63 characters); the others still apply.
 --
 -- Every INSERT, UPDATE, DELETE or TRUNCATE of either table NOTIFYs the channel sni_router_routes,
 -- which a router configured with `listen_channel: sni_router_routes` reads at once.
@@ -31,7 +40,7 @@ CREATE TABLE IF NOT EXISTS namespace_webrtc_config (
     namespace_cluster_id text NOT NULL UNIQUE,
     namespace_name       text NOT NULL UNIQUE,
     enabled              boolean NOT NULL DEFAULT true,
-    -- TURN shares its name with the fallback's real site: only ALPN-less clients reach TURN.
+    -- For a name template without alpn: true = only ALPN-less clients reach TURN under that name.
     stealth_enabled      boolean NOT NULL DEFAULT false,
     enabled_at           timestamptz NOT NULL DEFAULT now(),
     disabled_at          timestamptz

@@ -9,7 +9,7 @@ import { ConfigError, loadConfig, parseRoutesFile } from './config/load.ts';
 import type { Config } from './config/types.ts';
 import { redactUrl } from './log.ts';
 import { RouteTable } from './router/table.ts';
-import { type RouteSpec, describeRoute } from './model/route.ts';
+import { type RouteSpec, alpnKey, describeRoute } from './model/route.ts';
 import { buildInfo } from './version.ts';
 
 const HELP = `sni-router: routes TLS connections by SNI and ALPN without terminating TLS
@@ -94,6 +94,10 @@ function check(config: Config, env: NodeJS.ProcessEnv): string {
           lines.push(`  ${s.name}: postgres ${redactUrl(s.url)} every ${s.intervalMs}ms` +
             `${s.listenChannel === null ? '' : `, LISTEN ${s.listenChannel}`}, query ${s.query === 'default' ? 'default' : 'custom'}` +
             `${s.cacheFile === null ? '' : `, cache ${s.cacheFile}`}`);
+          // The names each namespace gets, as templates: the rows are only known at run time.
+          for (const n of s.names) {
+            lines.push(`    names ${n.match}${n.alpn === null ? ' (alpn from stealth_enabled)' : ` alpn=${alpnKey(n.alpn)}`} -> ${n.name}`);
+          }
           break;
         case 'redis':
           lines.push(`  ${s.name}: redis ${redactUrl(s.url)} hash ${s.key}, channel ${s.channel}, resync every ${s.resyncIntervalMs}ms`);

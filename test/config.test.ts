@@ -25,6 +25,11 @@ routes:
       addr: "127.0.0.1:5349"
 `;
 
+function run(args: string[], env: NodeJS.ProcessEnv = {}) {
+  // A bare PATH, from another directory: bin/sni-router must find the pinned Node by itself.
+  return spawnSync(BIN, args, { cwd: '/', env: { PATH: '/usr/bin:/bin', ...env }, encoding: 'utf8', timeout: 30_000 });
+}
+
 function errorOf(yaml: string, env: NodeJS.ProcessEnv = {}): ConfigError {
   try {
     parseConfig(yaml, 'x.yaml', env);
@@ -201,11 +206,78 @@ certwatch:
   });
 });
 
+describe('postgres names', () => {
+  // ORAMA is 12 lines: the source starts on line 14, a names entry on line 19.
+  const pg = (extra: string, query = 'default') => `${ORAMA}sources:
+  - type: postgres
+    url: "postgres://u@db/x"
+    query: ${query}
+    params: { base_domain: example.com, node_id: node-1 }
+${extra}`;
+
+  test('without names, the default query makes the names of the stealth-TURN deployment guide', () => {
+    const c = parseConfig(pg(''), 'x.yaml');
+    assert.ok(c.sources[0].type === 'postgres');
+    assert.deepEqual(c.sources[0].names, [
+      { match: 'cdn.ns-{namespace}.{base_domain}', alpn: { kind: 'none' }, name: 'turn-{namespace}' },
+      { match: 'turn.ns-{namespace}.{base_domain}', alpn: null, name: 'turn-{namespace}' },
+    ]);
+  });
+
+  test('templates over {namespace} and params, with alpn and a backend name', () => {
+    const c = parseConfig(pg(`    names:
+      - { match: "turn-{namespace}.{base_domain}" }
+      - { match: "{namespace}.{node_id}.{base_domain}", alpn: [h2], name: "web-{namespace}" }
+`), 'x.yaml');
+    assert.ok(c.sources[0].type === 'postgres');
+    assert.deepEqual(c.sources[0].names, [
+      { match: 'turn-{namespace}.{base_domain}', alpn: null, name: 'turn-{namespace}' },
+      { match: '{namespace}.{node_id}.{base_domain}', alpn: { kind: 'list', protocols: ['h2'] }, name: 'web-{namespace}' },
+    ]);
+    // Names alike for one namespace ("x") but not for every one are no twins.
+    assert.equal(parseConfig(pg('    names: [{ match: "x{namespace}.example.com" }, { match: "{namespace}x.example.com" }]\n'), 'x.yaml').sources.length, 1);
+  });
+
+  test('a template that cannot make names is an error at its line and column', () => {
+    const names = (line: string) => errorOf(pg(`    names:\n      - ${line}\n`)).message;
+    assert.match(names('{ match: "cdn.{namespace}.{domain}" }'),
+      /^x\.yaml:19:18: sources\[0\]\.names\[0\]\.match: unknown placeholder \{domain\} \(known: \{namespace\}, \{base_domain\}, \{node_id\}\)$/);
+    assert.match(names('{ match: "cdn.{namespace}.example.com", name: "t-{ns}" }'), /^x\.yaml:19:55: .*names\[0\]\.name: unknown placeholder \{ns\}/);
+    assert.match(names('{ match: "cdn.example.com" }'), /^x\.yaml:19:18: .*must contain \{namespace\}/);
+    assert.match(names('{ match: "cdn.{namespace.example.com" }'), /^x\.yaml:19:18: .*"\{" at character 5 does not open a \{placeholder\}/);
+    assert.match(names('{ match: "cdn.{namespace}..{base_domain}" }'), /^x\.yaml:19:18: .*makes no valid name/);
+    assert.match(names('{ match: "cdn.{namespace}.{base_domain}", alpn: [] }'), /^x\.yaml:19:57: .*alpn must name at least one protocol/);
+    assert.match(names('{ match: "{namespace}.example.com", backend: x }'), /^x\.yaml:19:45: unknown key "backend"/);
+    assert.match(errorOf(pg('    names:\n      - { match: "a-{namespace}.{base_domain}" }\n      - { match: "A-{namespace}.{base_domain}." }\n')).message,
+      /^x\.yaml:20:9: sources\[0\]\.names\[1\] makes the same names as sources\[0\]\.names\[0\]/);
+    assert.match(errorOf(pg('    names: []\n')).message, /^x\.yaml:18:12: sources\[0\]\.names must name at least one template/);
+    assert.match(errorOf(pg('    names: [{ match: "{namespace}.example.com" }]\n', '"SELECT 1"')).message,
+      /^x\.yaml:18:5: sources\[0\]\.names is for query: default only/);
+    assert.match(errorOf(pg('').replace('node_id: node-1', 'node_id: node-1, namespace: x')).message,
+      /^x\.yaml:17:58: sources\[0\]\.params\.namespace: \{namespace\} in names is each row's namespace/);
+  });
+
+  test('check refuses an unknown placeholder with FILE:LINE:COL and exit 2, and prints the names of a good file', () => {
+    const { dir, cleanup } = tempDir();
+    try {
+      const bad = join(dir, 'bad.yaml');
+      writeFileSync(bad, pg('    names:\n      - { match: "cdn.ns-{namespace}.{basedomain}", alpn: none }\n'));
+      const r = run(['check', '--config', bad]);
+      assert.equal(r.status, 2, r.stdout);
+      assert.match(r.stderr.split('\n')[0], new RegExp(`^${bad}:19:18: sources\\[0\\]\\.names\\[0\\]\\.match: unknown placeholder \\{basedomain\\}`));
+      const good = join(dir, 'good.yaml');
+      writeFileSync(good, pg(''));
+      const ok = run(['check', '--config', good]);
+      assert.equal(ok.status, 0, ok.stderr);
+      assert.match(ok.stdout, /^ {4}names cdn\.ns-\{namespace\}\.\{base_domain\} alpn=none -> turn-\{namespace\}$/m);
+      assert.match(ok.stdout, /^ {4}names turn\.ns-\{namespace\}\.\{base_domain\} \(alpn from stealth_enabled\) -> turn-\{namespace\}$/m);
+    } finally {
+      cleanup();
+    }
+  });
+});
+
 describe('command line', () => {
-  function run(args: string[], env: NodeJS.ProcessEnv = {}) {
-    // A bare PATH, from another directory: bin/sni-router must find the pinned Node by itself.
-    return spawnSync(BIN, args, { cwd: '/', env: { PATH: '/usr/bin:/bin', ...env }, encoding: 'utf8', timeout: 30_000 });
-  }
 
   test('check prints the effective static table and exits 0', () => {
     const { dir, cleanup } = tempDir();

@@ -82,20 +82,25 @@ sources:
   const exec = async (sql: string) => {
     await tdb.db.query(sql);
   };
-  const route = () => routeFor(router.adminPort, NAME);
+  // The names the runbook says a namespace gets with the default `names`.
+  const route = () => routeFor(router.adminPort, 'turn.ns-acme.example.com');
+  const stealthName = () => routeFor(router.adminPort, 'cdn.ns-acme.example.com');
 
   // Within a second each time: LISTEN/NOTIFY, not the 30 s poll.
   await exec(statements[0]);
   await exec(statements[1]);
   await waitFor(async () => (await route()) !== undefined, 1500, 'the enabled namespace');
-  let r = await route();
+  const r = await route();
   assert.deepEqual([r?.alpn, r?.source, r?.backend.name, r?.backend.addrs], ['none', 'postgres', 'turn-acme', ['127.0.0.1:5350']]);
+  const cdn = await stealthName();
+  assert.deepEqual([cdn?.alpn, cdn?.source, cdn?.backend.name, cdn?.backend.addrs], ['none', 'postgres', 'turn-acme', ['127.0.0.1:5350']]);
   await exec(statements[2]);
-  await waitFor(async () => (await route()) === undefined, 1500, 'the disabled namespace to go');
+  await waitFor(async () => (await route()) === undefined && (await stealthName()) === undefined, 1500, 'the disabled namespace to go');
   await exec(statements[3]);
   await waitFor(async () => (await route()) !== undefined, 1500, 'the re-enabled namespace');
   await exec(statements[4]);
   await waitFor(async () => (await route())?.alpn === null, 1500, 'stealth off: no ALPN condition');
+  assert.equal((await stealthName())?.alpn, 'none', 'the stealth name stays TURN clients only');
 });
 
 test('the runbook\'s redis-cli commands add and remove the route through the Redis source', async (t) => {

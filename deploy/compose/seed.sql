@@ -1,6 +1,7 @@
 -- Demo data for the compose stack (runs after sql/schema.sql on the first start of the database):
 -- namespace "demo" with stealth TURN on node-1, port 5349. The router's postgres source turns it
--- into the route  turn-demo.example.com, alpn none -> coturn:5349.
+-- into the routes  cdn.ns-demo.example.com and turn.ns-demo.example.com, both alpn none (the first
+-- always, the second for stealth_enabled) -> coturn:5349.
 INSERT INTO namespace_webrtc_config (namespace_cluster_id, namespace_name, enabled, stealth_enabled)
 VALUES ('cluster-demo', 'demo', true, true)
 ON CONFLICT (namespace_cluster_id) DO NOTHING;

@@ -6,9 +6,10 @@ import { parse as parsePostgresUrl } from 'pg-connection-string';
 import { localInterfaceAddresses } from '../host.ts';
 import type { BackendSpec } from '../model/route.ts';
 import { isOwnAddress, selfMessage } from '../model/self-address.ts';
+import { DEFAULT_NAMES, nameTemplates } from './names.ts';
 import { backend, listenAddress, routeList } from './routes.ts';
 import type {
-  CertAction, CertwatchConfig, Config, DockerTarget, SourceConfig,
+  CertAction, CertwatchConfig, Config, DockerTarget, PostgresSourceConfig, SourceConfig,
 } from './types.ts';
 import {
   ValueError, type Path, boolean, duration, integer, list, nonEmpty, object, oneOf, pathText, string,
@@ -130,7 +131,7 @@ function keepaliveDuration(v: unknown, path: Path): number {
 
 const FILE_KEYS = ['type', 'name', 'path'] as const;
 const POSTGRES_KEYS = [
-  'type', 'name', 'url', 'interval', 'listen_channel', 'query', 'params', 'cache_file', 'statement_timeout',
+  'type', 'name', 'url', 'interval', 'listen_channel', 'query', 'params', 'names', 'cache_file', 'statement_timeout',
 ] as const;
 const REDIS_KEYS = ['type', 'name', 'url', 'key', 'channel', 'resync_interval'] as const;
 
@@ -169,12 +170,19 @@ function sourceConfig(v: unknown, path: Path, perType: Map<string, number>): Sou
       const params: Record<string, string> = {};
       for (const [k, pv] of Object.entries(paramsObj)) params[k] = string(pv, [...path, 'params', k]);
       const query = opt(o, 'query', path, nonEmpty, 'default').trim();
+      let names: PostgresSourceConfig['names'] = [];
       if (query === 'default') {
         for (const required of ['base_domain', 'node_id']) {
           if (params[required] === undefined) {
             throw new ValueError([...path, 'params'], `${pathText(path)}: query: default needs params.${required}`);
           }
         }
+        if (params.namespace !== undefined) {
+          throw new ValueError([...path, 'params', 'namespace'], `${pathText(path)}.params.namespace: {namespace} in names is each row's namespace; call this parameter something else`, true);
+        }
+        names = o.names === undefined || o.names === null ? DEFAULT_NAMES : nameTemplates(o.names, [...path, 'names'], params);
+      } else if (o.names !== undefined) {
+        throw new ValueError([...path, 'names'], `${pathText(path)}.names is for query: default only (a custom query returns its match column)`, true);
       }
       const listenChannel = opt<string | null>(o, 'listen_channel', path, nonEmpty, null);
       if (listenChannel !== null && !/^[A-Za-z_][A-Za-z0-9_]{0,62}$/.test(listenChannel)) {
@@ -190,6 +198,7 @@ function sourceConfig(v: unknown, path: Path, perType: Map<string, number>): Sou
         listenChannel,
         query,
         params,
+        names,
         cacheFile: opt<string | null>(o, 'cache_file', path, nonEmpty, null),
         statementTimeoutMs: opt(o, 'statement_timeout', path, duration, 5000),
       };

@@ -152,6 +152,10 @@ const ROUTE_KEYS = ['match', 'alpn', 'backend', 'namespace'] as const;
 /** A namespace: one DNS label (letters, digits, '-'). */
 const NAMESPACE = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/i;
 
+export function isNamespaceLabel(s: string): boolean {
+  return NAMESPACE.test(s);
+}
+
 export function namespaceName(v: unknown, path: Path): string {
   const s = string(v, path);
   if (!NAMESPACE.test(s)) {

@@ -1,5 +1,5 @@
 // The typed configuration, after validation. Durations are milliseconds.
-import type { BackendSpec, RouteSpec } from '../model/route.ts';
+import type { AlpnCondition, BackendSpec, RouteSpec } from '../model/route.ts';
 
 export interface ListenAddress {
   /** undefined: every interface, IPv4 and IPv6 (":443"). */
@@ -31,6 +31,16 @@ export interface FileSourceConfig {
   readonly path: string;
 }
 
+/** One route per namespace that the default query yields; `{namespace}` and `{<param>}` are filled in. */
+export interface NameTemplate {
+  /** As written, e.g. "cdn.ns-{namespace}.{base_domain}". */
+  readonly match: string;
+  /** The template's own condition, or null: from the stealth_enabled column where the table has one. */
+  readonly alpn: AlpnCondition | null;
+  /** The backend's name, a template too [turn-{namespace}]. */
+  readonly name: string;
+}
+
 export interface PostgresSourceConfig {
   readonly type: 'postgres';
   readonly name: string;
@@ -40,6 +50,8 @@ export interface PostgresSourceConfig {
   /** 'default' reads sql/schema.sql's tables; anything else is SQL returning match, addr [, name, proxy_protocol, alpn]. */
   readonly query: string;
   readonly params: Readonly<Record<string, string>>;
+  /** The default query's names for each namespace; empty with a custom query. */
+  readonly names: readonly NameTemplate[];
   readonly cacheFile: string | null;
   readonly statementTimeoutMs: number;
 }

@@ -184,6 +184,7 @@ export class Composer {
       unchanged: () => {
         if (this.#stopped || !this.#sources.includes(t) || t.snapshot === null) return;
         readOk(t.snapshot.routes.length);
+        // The entries still skipped are counted on every read, as when they were read whole.
         if (t.snapshot.invalid.length > 0) this.#metrics.sourceInvalidEntries.inc({ source: name }, t.snapshot.invalid.length);
       },
       snapshot: (raw) => {

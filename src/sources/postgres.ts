@@ -1,6 +1,12 @@
 // The PostgreSQL source: runs one query that returns the routes (the default reads the namespace
-// tables of sql/schema.sql; a custom one returns match, addr [, name, proxy_protocol, alpn]) every
-// `interval`, and at once whenever a NOTIFY arrives on `listen_channel`.
+// tables of sql/schema.sql and makes the names of `names`; a custom one returns match, addr [, name,
+// proxy_protocol, alpn, namespace]) every `interval`, and at once whenever a NOTIFY arrives on
+// `listen_channel`.
+//
+// A read first asks the server for a digest of the result; the same digest as the last good read
+// means nothing changed, and no row crosses the wire, nothing is validated and nothing is merged.
+// Digest and rows are read in one REPEATABLE READ transaction, so the rows are exactly what the
+// digest describes: a change made between the two cannot be taken for the unchanged state.
 //
 // Two connections: the reader runs the query, a dedicated listener holds the LISTEN (so a slow
 // query never delays a notification, and a notification never waits for a poll). Either one lost
@@ -8,16 +14,16 @@
 // triggers a read, because the NOTIFYs sent while it was away are gone. While the database is
 // unreachable the composer keeps the last good snapshot; with `cache_file` that snapshot also
 // survives a restart during the outage.
-import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, rename, unlink } from 'node:fs/promises';
-import { dirname } from 'node:path';
 import pg from 'pg';
-import { route } from '../config/routes.ts';
 import type { PostgresSourceConfig } from '../config/types.ts';
 import { type Logger, redactUrl } from '../log.ts';
 import { backoffMs } from './backoff.ts';
-import { type AlpnCondition, type RouteSpec, alpnKey } from '../model/route.ts';
-import type { InvalidEntry, RouteSource, Snapshot, SourceSink } from './source.ts';
+import { RouteCache } from './postgres-cache.ts';
+import {
+  BEGIN_AND_STEALTH_COLUMN, type CompiledName, compileNames, defaultQuery, digestQuery, rowsDigest,
+  snapshotFromNamespaces, snapshotFromRows,
+} from './postgres-rows.ts';
+import type { RouteSource, Snapshot, SourceSink } from './source.ts';
 
 const RETRY_MIN_MS = 200;
 /** Backoff cap: an outage's end is noticed within this, whatever the poll interval. */
@@ -26,33 +32,19 @@ const CONNECT_TIMEOUT_MS = 5000;
 /** How long start() waits for the first read before serving the cache file (a silent network). */
 const START_WAIT_MS = 3000;
 
-/**
- * The default query, over sql/schema.sql: every enabled namespace with a TURN port allocation on
- * this node becomes `turn-<namespace>.<base_domain>` → `<backend_host>:<turn_tls_port>`, named
- * `turn-<namespace>`. A stealth namespace's route carries `alpn: none`, so that only a client
- * offering no ALPN (a WebRTC TURN client) reaches TURN and browsers and probers reach the fallback.
- */
-export const DEFAULT_QUERY = `
-SELECT 'turn-' || c.namespace_name || '.' || $1::text AS match,
-       $3::text || ':' || p.turn_tls_port::text AS addr,
-       'turn-' || c.namespace_name AS name,
-       CASE WHEN c.stealth_enabled THEN 'none' END AS alpn,
-       c.namespace_name AS namespace
-  FROM namespace_webrtc_config c
-  JOIN webrtc_port_allocations p
-    ON p.namespace_cluster_id = c.namespace_cluster_id AND p.service_type = 'turn'
- WHERE c.enabled AND p.node_id = $2::text
- ORDER BY c.namespace_name`;
-
 /** The backend host of the default query when `params.backend_host` is not set: TURN runs beside the router. */
 const DEFAULT_BACKEND_HOST = '127.0.0.1';
 
-interface CacheFile {
-  readonly version: 1;
-  readonly source: string;
-  readonly written_at: string;
-  readonly routes: unknown[];
-}
+/**
+ * SQLSTATE classes that say the custom query cannot be wrapped for a digest (syntax, a statement
+ * that is not a query, one that writes in the read-only transaction), when the query alone runs.
+ */
+const UNWRAPPABLE = /^(42|0A|25)/;
+
+/** What the database answered: nothing new, or the rows of a result whose digest is `digest`. */
+type Fetched =
+  | { readonly unchanged: true; readonly digest: string }
+  | { readonly unchanged: false; readonly digest: string; readonly fields: readonly string[]; readonly rows: Record<string, unknown>[] };
 
 export class PostgresSource implements RouteSource {
   readonly type = 'postgres' as const;
@@ -73,21 +65,34 @@ export class PostgresSource implements RouteSource {
   #listenTimer: NodeJS.Timeout | null = null;
 
   /** Routes from cache_file, read at start; served once if the database cannot be read first. */
+  #cache: RouteCache | null;
   #cached: Snapshot | null = null;
   #cacheServed = false;
   #live = false;
-  /** The routes last written to cache_file, so an unchanged poll does not rewrite it. */
-  #cacheWritten = '';
+
+  /** The digest of the result whose snapshot the composer holds (null before the first). */
+  #digest: string | null = null;
+  /**
+   * The next read sends a full snapshot whatever the digest says: at start, after a reconnect and
+   * after a resync (SIGHUP), so that none of them can leave standing a snapshot that no read on
+   * the current connection confirmed.
+   */
+  #fullRead = true;
+  /** False once the custom query proved it cannot be wrapped: its rows are then digested here. */
+  #digestInDatabase = true;
+  readonly #names: readonly CompiledName[];
 
   constructor(config: PostgresSourceConfig, logger: Logger) {
     this.name = config.name;
     this.#config = config;
     this.#logger = logger.child({ source: config.name });
+    this.#cache = config.cacheFile === null ? null : new RouteCache(config.cacheFile, config.name, this.#logger);
+    this.#names = compileNames(config.names);
   }
 
   async start(sink: SourceSink): Promise<void> {
     this.#sink = sink;
-    if (this.#config.cacheFile !== null) this.#cached = await this.#readCache(this.#config.cacheFile);
+    if (this.#cache !== null) this.#cached = await this.#cache.read();
     this.#logger.info({
       url: redactUrl(this.#config.url), interval_ms: this.#config.intervalMs, listen_channel: this.#config.listenChannel,
       query: this.#config.query === 'default' ? 'default' : 'custom',
@@ -111,6 +116,8 @@ export class PostgresSource implements RouteSource {
       this.#listenTimer = null;
       void this.#connectListener();
     }
+    // A full read, not a digest: SIGHUP is the operator's way to say "read everything again".
+    this.#fullRead = true;
     void this.#requestRead();
   }
 
@@ -162,31 +169,107 @@ export class PostgresSource implements RouteSource {
   }
 
   async #read(): Promise<void> {
-    let result: pg.QueryResult;
+    let fetched: Fetched;
     try {
       const client = await this.#readerClient();
-      result = this.#config.query === 'default'
-        ? await client.query(DEFAULT_QUERY, [
-          this.#config.params.base_domain, this.#config.params.node_id,
-          this.#config.params.backend_host ?? DEFAULT_BACKEND_HOST,
-        ])
-        : await client.query(this.#config.query);
+      // Taken after connecting (a new connection asks for a full read); a resync while this read
+      // runs asks again, for the next one.
+      const known = this.#fullRead ? null : this.#digest;
+      this.#fullRead = false;
+      fetched = this.#config.query === 'default'
+        ? await this.#fetchDefault(client, known)
+        : await this.#fetchCustom(client, known);
     } catch (err) {
       this.#dropReader();
       this.#readFailed(err as Error);
       return;
     }
     if (this.#stopped) return;
-    const columns = new Set(result.fields.map((f) => f.name));
-    if (!columns.has('match') || !columns.has('addr')) {
-      this.#readFailed(new Error(`the query returned columns ${[...columns].join(', ') || '(none)'}; it must return match and addr`));
+    if (fetched.unchanged) {
+      this.#readFailures = 0;
+      this.#sink?.unchanged();
       return;
     }
-    const snapshot = snapshotFromRows(result.rows, this.name, this.#config.query === 'default');
+    let snapshot: Snapshot;
+    if (this.#config.query === 'default') {
+      snapshot = await snapshotFromNamespaces(fetched.rows, {
+        names: this.#names, params: this.#config.params, source: this.name,
+        backendHost: this.#config.params.backend_host ?? DEFAULT_BACKEND_HOST,
+      });
+    } else {
+      if (!fetched.fields.includes('match') || !fetched.fields.includes('addr')) {
+        this.#readFailed(new Error(`the query returned columns ${fetched.fields.join(', ') || '(none)'}; it must return match and addr`));
+        return;
+      }
+      snapshot = await snapshotFromRows(fetched.rows, this.name);
+    }
+    if (this.#stopped) return;
     this.#readFailures = 0;
     this.#live = true;
     this.#sink?.snapshot(snapshot);
-    if (this.#config.cacheFile !== null) await this.#writeCache(this.#config.cacheFile, snapshot);
+    this.#digest = fetched.digest;
+    if (this.#cache !== null) await this.#cache.write(snapshot);
+  }
+
+  /** The default query: the digest, and the rows when it changed, in one transaction. */
+  async #fetchDefault(client: pg.Client, known: string | null): Promise<Fetched> {
+    const params = [this.#config.params.node_id];
+    const opened = await client.query(BEGIN_AND_STEALTH_COLUMN) as unknown as pg.QueryResult[];
+    const query = defaultQuery(opened[1]?.rows[0]?.stealth_column === true);
+    const digest = `db:${(await client.query<{ digest: string }>(digestQuery(query), params)).rows[0].digest}`;
+    if (digest === known) {
+      await client.query('COMMIT');
+      return { unchanged: true, digest };
+    }
+    const result = await client.query(query, params);
+    await client.query('COMMIT');
+    return { unchanged: false, digest, fields: result.fields.map((f) => f.name), rows: result.rows };
+  }
+
+  /**
+   * A custom query: wrapped for a digest like the default. One the server cannot wrap (a trailing
+   * statement, a query that writes) is read whole every time and digested here, which still
+   * spares the validation and the merge of an unchanged result.
+   */
+  async #fetchCustom(client: pg.Client, known: string | null): Promise<Fetched> {
+    const query = this.#config.query;
+    if (this.#digestInDatabase) {
+      await client.query('BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY');
+      let digest: string | null = null;
+      let wrapError: pg.DatabaseError | null = null;
+      try {
+        digest = `db:${(await client.query<{ digest: string }>(digestQuery(query))).rows[0].digest}`;
+      } catch (err) {
+        // Anything but the server's refusal (a lost connection, a timeout) fails the read.
+        if (!(err instanceof pg.DatabaseError)) throw err;
+        wrapError = err;
+        await client.query('ROLLBACK');
+      }
+      if (digest !== null) {
+        if (digest === known) {
+          await client.query('COMMIT');
+          return { unchanged: true, digest };
+        }
+        const result = oneResult(await client.query(query));
+        await client.query('COMMIT');
+        return { unchanged: false, digest, fields: result.fields.map((f) => f.name), rows: result.rows };
+      }
+      // The query alone decides: if it fails too, that is the read's failure, not the wrapping's.
+      const result = oneResult(await client.query(query));
+      if (wrapError !== null && UNWRAPPABLE.test(wrapError.code ?? '')) {
+        this.#digestInDatabase = false;
+        this.#logger.info({ err: wrapError.message },
+          'the custom query cannot be wrapped for a digest on the server: reading it whole on every poll');
+      }
+      return this.#digestedHere(result, known);
+    }
+    return this.#digestedHere(oneResult(await client.query(query)), known);
+  }
+
+  async #digestedHere(result: pg.QueryResult, known: string | null): Promise<Fetched> {
+    const fields = result.fields.map((f) => f.name);
+    const digest = await rowsDigest(fields, result.rows);
+    return digest === known ? { unchanged: true, digest } : { unchanged: false, digest, fields, rows: result.rows };
   }
 
   #readFailed(err: Error): void {
@@ -229,6 +312,8 @@ export class PostgresSource implements RouteSource {
       throw new Error('stopped');
     }
     this.#reader = client;
+    // A new connection (perhaps to another server, after a failover) starts with a full read.
+    this.#fullRead = true;
     return client;
   }
 
@@ -305,130 +390,18 @@ export class PostgresSource implements RouteSource {
       'postgres not readable: serving the routes of the cache file until it is');
     this.#sink?.snapshot(this.#cached);
   }
-
-  async #readCache(file: string): Promise<Snapshot | null> {
-    let text: string;
-    try {
-      text = await readFile(file, 'utf8');
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
-        this.#logger.warn({ cache_file: file, err: (err as Error).message }, 'cannot read the postgres cache file');
-      }
-      return null;
-    }
-    try {
-      const data = JSON.parse(text) as Partial<CacheFile>;
-      if (data.version !== 1 || !Array.isArray(data.routes)) throw new Error('not a version 1 cache file');
-      const routes: RouteSpec[] = [];
-      const invalid: InvalidEntry[] = [];
-      data.routes.forEach((r, i) => {
-        try {
-          routes.push(route(r, ['routes', i], this.name));
-        } catch (err) {
-          invalid.push({ entry: `cache routes[${i}]`, error: (err as Error).message });
-        }
-      });
-      return { routes, invalid, origin: 'cache' };
-    } catch (err) {
-      this.#logger.warn({ cache_file: file, err: (err as Error).message }, 'ignoring an unreadable postgres cache file');
-      return null;
-    }
-  }
-
-  /** Writes the snapshot to a temp file and renames it over the cache: a reader sees old or new, whole. */
-  async #writeCache(file: string, snapshot: Snapshot): Promise<void> {
-    const routes = snapshot.routes.map(plainRoute);
-    const key = JSON.stringify(routes);
-    if (key === this.#cacheWritten) return;
-    const data: CacheFile = { version: 1, source: this.name, written_at: new Date().toISOString(), routes };
-    const tmp = `${file}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
-    try {
-      await mkdir(dirname(file), { recursive: true });
-      const fh = await open(tmp, 'w', 0o600);
-      try {
-        await fh.writeFile(`${JSON.stringify(data, null, 1)}\n`);
-        await fh.sync();
-      } finally {
-        await fh.close();
-      }
-      await rename(tmp, file);
-      this.#cacheWritten = key;
-    } catch (err) {
-      await unlink(tmp).catch(() => {});
-      this.#logger.warn({ cache_file: file, err: (err as Error).message }, 'cannot write the postgres cache file');
-    }
-  }
 }
 
-/**
- * A namespace name as the default query uses it: one DNS label once prefixed with "turn-" (so
- * that the `*.<base_domain>` certificate covers the name), letters compared lowercased.
- */
-const NAMESPACE_LABEL = /^[a-z0-9](?:[a-z0-9-]{0,56}[a-z0-9])?$/i;
-
-/**
- * Rows to a snapshot: a row that does not make a valid route is skipped and reported. Its entry
- * is named by its match where it has one, not by its position, so that it stays the same entry
- * (logged once) while other rows come and go. With the default query (`namespaceLabels`), a
- * namespace name that is not a DNS label is such a row.
- */
-export function snapshotFromRows(rows: readonly Record<string, unknown>[], source: string, namespaceLabels = false): Snapshot {
-  const routes: RouteSpec[] = [];
-  const invalid: InvalidEntry[] = [];
-  rows.forEach((row, i) => {
-    try {
-      if (namespaceLabels && !(typeof row.namespace === 'string' && NAMESPACE_LABEL.test(row.namespace))) {
-        throw new Error(`namespace name ${JSON.stringify(row.namespace)} is not a DNS label `
-          + "(letters, digits and '-', not at either end, at most 58 characters)");
-      }
-      const addr = row.addr;
-      const addrs = Array.isArray(addr)
-        ? addr
-        : typeof addr === 'string' && addr.includes(',') ? addr.split(',').map((a) => a.trim()) : null;
-      const backend: Record<string, unknown> = addrs === null ? { addr } : { addrs };
-      if (row.name !== undefined && row.name !== null) backend.name = row.name;
-      if (row.proxy_protocol !== undefined && row.proxy_protocol !== null) backend.proxy_protocol = row.proxy_protocol;
-      routes.push(route({ match: row.match, alpn: alpnColumn(row.alpn), backend, namespace: row.namespace }, [], source));
-    } catch (err) {
-      invalid.push({ entry: typeof row.match === 'string' ? `match ${row.match}` : `row ${i + 1}`, error: (err as Error).message });
-    }
-  });
-  return { routes, invalid };
-}
-
-/** The alpn column: NULL or '' (any client), 'none', 'any', 'h2,http/1.1', or a text[]. */
-function alpnColumn(v: unknown): unknown {
-  if (v === null || v === undefined) return null;
-  if (typeof v !== 'string') return v;
-  const text = v.trim();
-  if (text === '') return null;
-  if (text === 'none' || text === 'any') return text;
-  return text.split(',').map((p) => p.trim());
-}
-
-/** A route as the plain value route() reads back, for the cache file. */
-function plainRoute(r: RouteSpec): unknown {
-  return {
-    match: r.match,
-    ...(r.alpn === null ? {} : { alpn: plainAlpn(r.alpn) }),
-    ...(r.namespace === null ? {} : { namespace: r.namespace }),
-    backend: {
-      name: r.backend.name,
-      addrs: r.backend.addrs,
-      ...(r.backend.proxyProtocol === null ? {} : { proxy_protocol: r.backend.proxyProtocol }),
-    },
-  };
-}
-
-function plainAlpn(alpn: AlpnCondition): unknown {
-  return alpn.kind === 'list' ? [...alpn.protocols] : alpnKey(alpn);
+/** Several statements in one custom query answer with a list of results: refused, not guessed at. */
+function oneResult(result: pg.QueryResult | pg.QueryResult[]): pg.QueryResult {
+  if (Array.isArray(result)) throw new Error(`the query holds ${result.length} statements; it must be one`);
+  return result;
 }
 
 function quoteIdent(name: string): string {
   return `"${name.replaceAll('"', '""')}"`;
 }
 
-/** Exponential, with jitter so that a fleet of routers does not reconnect in step. */
 /** Closes a client whatever its state; a connection that does not say goodbye in time is cut. */
 async function endQuietly(client: pg.Client): Promise<void> {
   let timer: NodeJS.Timeout | undefined;
