@@ -119,8 +119,14 @@ export class Composer {
    */
   setSelfCheck(isSelf: (addr: string) => boolean): void {
     this.#isSelf = isSelf;
-    for (const t of this.#sources) if (t.raw !== null) t.snapshot = this.#withoutSelf(t.raw, t.source.name, t.snapshot);
-    this.schedule();
+    let changed = false;
+    for (const t of this.#sources) {
+      if (t.raw === null) continue;
+      const next = this.#withoutSelf(t.raw, t.source.name, t.snapshot);
+      changed ||= next.routes.length !== t.snapshot?.routes.length;
+      t.snapshot = next;
+    }
+    if (changed) this.schedule();
   }
 
   /** The snapshot less its routes to the router itself, which join its invalid entries (logged when new). */
