@@ -104,7 +104,7 @@ export class App {
 
   async #start(): Promise<void> {
     const config = this.config;
-    this.composer.setConfig(config.routes, config.fallback);
+    await this.composer.setConfig(config.routes, config.fallback);
     if (config.admin.listen !== null) {
       this.#admin = new AdminServer({
         metrics: async () => ({ contentType: this.metrics.registry.contentType, body: await this.metricsText() }),
@@ -246,7 +246,7 @@ export class App {
       JSON.stringify(prev.admin) !== JSON.stringify(next.admin) || prev.workers !== next.workers) {
       this.logger.warn('listen, admin.listen and workers changes take effect at the next restart');
     }
-    this.composer.setConfig(next.routes, next.fallback);
+    await this.composer.setConfig(next.routes, next.fallback);
     if (JSON.stringify(prev.sources) !== JSON.stringify(next.sources)) {
       await this.composer.setSources(createSources(next.sources, { logger: this.logger }));
     } else {

@@ -15,7 +15,11 @@ import type { ListenAddress } from './config/types.ts';
 import { createLogger, type Logger } from './log.ts';
 import { Metrics } from './metrics/metrics.ts';
 import { RouterServer } from './router/server.ts';
-import { Router } from './router/table.ts';
+import type { RouteSpec } from './model/route.ts';
+import { RouteTable, Router } from './router/table.ts';
+
+/** Up to this many routes a table is built in one piece; beyond, in slices (see RouteTable.build). */
+const SYNC_BUILD_ROUTES = 20_000;
 
 type Init = Extract<PrimaryMessage, { t: 'init' }>;
 
@@ -36,6 +40,11 @@ class DataPlaneWorker {
   readonly #primaryMetrics: ReadonlySet<string>;
   #heartbeat: NodeJS.Timeout | null = null;
   #draining = false;
+  /** The generation of the table connections are routed by (a big one is built a while after it arrives). */
+  #generation: number;
+  /** The table being built in slices, and the change to build after it (only the latest counts). */
+  #building: Promise<void> | null = null;
+  #next: { routes: readonly RouteSpec[]; change: TableChange } | null = null;
 
   constructor(init: Init) {
     const destination = init.relayLogs ? relayDestination : pino.destination({ dest: 1, sync: true });
@@ -43,6 +52,7 @@ class DataPlaneWorker {
     this.logger = createLogger(init.settings.logLevel, destination).child({ worker: init.slot });
     this.#primaryMetrics = new Set(init.primaryMetrics);
     this.router = new Router(this.replica.apply(init.table));
+    this.#generation = init.table.generation;
     this.server = new RouterServer({
       router: this.router, metrics: this.metrics, logger: this.logger,
       settings: init.settings.server, accessLog: init.settings.accessLog,
@@ -63,16 +73,44 @@ class DataPlaneWorker {
   #beat(): void {
     send({
       t: 'heartbeat', active: this.server.activeConnections,
-      trackedClientAddresses: this.server.trackedClientAddresses, generation: this.replica.generation,
+      trackedClientAddresses: this.server.trackedClientAddresses, generation: this.#generation,
     });
   }
 
+  /**
+   * Changes are taken in order as they arrive; the table they describe is built at once when small,
+   * else in slices (RouteTable.build) while connections go on being served by the previous one. A
+   * change arriving meanwhile waits for that build, and only the latest is built next.
+   */
   applyTable(change: TableChange): void {
+    const routes = this.replica.update(change);
+    if (this.#building !== null || routes.length > SYNC_BUILD_ROUTES) {
+      this.#next = { routes, change };
+      this.#building ??= this.#buildQueued();
+      return;
+    }
     const t0 = performance.now();
-    const table = this.replica.apply(change);
+    this.#install(new RouteTable(routes, change.fallback), change, t0);
+  }
+
+  async #buildQueued(): Promise<void> {
+    try {
+      for (let next = this.#next; next !== null; next = this.#next) {
+        this.#next = null;
+        const t0 = performance.now();
+        this.#install(await RouteTable.build(next.routes, next.change.fallback), next.change, t0);
+      }
+    } catch (err) {
+      this.logger.error({ err: (err as Error).message }, 'route table update failed, keeping the running table');
+    } finally {
+      this.#building = null;
+    }
+  }
+
+  #install(table: RouteTable, change: TableChange, t0: number): void {
     this.router.replace(table);
+    this.#generation = change.generation;
     const ms = Math.round((performance.now() - t0) * 10) / 10;
-    // A large table stalls this worker's connections while it is built: worth an info line.
     this.logger[ms >= 100 ? 'info' : 'debug']({ generation: change.generation, routes: table.routes.length, ms }, 'route table applied');
   }
 
@@ -91,7 +129,7 @@ class DataPlaneWorker {
       const connections = (await this.metrics.connections.get()).values.reduce((n, v) => n + v.value, 0);
       body = {
         pid: process.pid, active: this.server.activeConnections, trackedClientAddresses: this.server.trackedClientAddresses,
-        connections, generation: this.replica.generation,
+        connections, generation: this.#generation,
       };
     }
     send({ t: 'reply', id, body });

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import fc from 'fast-check';
 import { routeList } from '../src/config/routes.ts';
-import { RouteTable, Router, diffTables } from '../src/router/table.ts';
+import { RouteTable, Router, diffTables, diffTablesSliced } from '../src/router/table.ts';
 import { type RouteSpec, alpnKey, alpnMatches, normalizeName, patternError, routeKey } from '../src/model/route.ts';
 
 const fallback = { name: 'caddy', addrs: ['127.0.0.1:8443'], proxyProtocol: null };
@@ -208,5 +208,36 @@ describe('lookup against a reference that scans every route', () => {
         assert.equal(t.lookup(sni, offered)?.backend.name ?? null, reference(t, sni, offered), `${sni} offering ${JSON.stringify(offered)}`);
       }
     }), { numRuns: 1000 });
+  });
+});
+
+describe('tables built and compared in slices', () => {
+  test('a table built in slices answers, conflicts and diffs exactly as one built at once (sizes across the slice bounds)', async () => {
+    const routesFor = (n: number, seed: number): RouteSpec[] => {
+      const out: RouteSpec[] = [];
+      for (let i = 0; i < n; i++) {
+        const k = (i * 7 + seed) % 23;
+        const match = k === 0 ? `*.w${i % 500}.example.net` : k === 1 ? `**.d${i % 300}.example.org` : `h${i % (n - 7 + 1)}.example.com`;
+        out.push(routeList([{
+          match, ...(k === 2 ? { alpn: 'none' } : k === 3 ? { alpn: ['h2'] } : {}),
+          backend: { name: `b${(i + seed) % 9}`, addr: `127.0.0.1:${1 + ((i + seed) % 50)}` },
+        }], ['routes'], seed % 2 === 0 ? 'config' : 'pg')[0]);
+      }
+      return out;
+    };
+    for (const n of [0, 1, 4999, 5000, 5001, 12_345]) {
+      const rs = routesFor(n, 3);
+      const whole = new RouteTable(rs, fallback);
+      const sliced = await RouteTable.build(rs, fallback);
+      assert.deepEqual(sliced.routes, whole.routes);
+      assert.deepEqual(sliced.conflicts, whole.conflicts);
+      for (let i = 0; i < Math.min(n, 2000); i += 7) {
+        for (const sni of [`h${i}.example.com`, `x.w${i % 500}.example.net`, `a.b.d${i % 300}.example.org`]) {
+          for (const offered of [null, ['h2']]) assert.equal(sliced.lookup(sni, offered), whole.lookup(sni, offered));
+        }
+      }
+      const other = new RouteTable(routesFor(n, 4), fallback);
+      assert.deepEqual(await diffTablesSliced(whole, other), diffTables(whole, other));
+    }
   });
 });

@@ -83,8 +83,8 @@ export class TableReplica {
     return this.#generation;
   }
 
-  /** Applies a change and builds the table it describes. */
-  apply(change: TableChange): RouteTable {
+  /** Applies a change; returns the routes of the table it describes (see RouteTable, RouteTable.build). */
+  update(change: TableChange): readonly RouteSpec[] {
     for (const match of change.delete) this.#patterns.delete(match);
     for (const routes of change.set) {
       if (routes.length > 0) this.#patterns.set(routes[0].match, routes);
@@ -92,6 +92,11 @@ export class TableReplica {
     this.#generation = change.generation;
     const routes: RouteSpec[] = [];
     for (const group of this.#patterns.values()) for (const r of group) routes.push(r);
-    return new RouteTable(routes, change.fallback);
+    return routes;
+  }
+
+  /** Applies a change and builds the table it describes, in one piece. */
+  apply(change: TableChange): RouteTable {
+    return new RouteTable(this.update(change), change.fallback);
   }
 }

@@ -12,69 +12,125 @@ export interface RouteConflict {
   readonly loser: RouteSpec;
 }
 
-export class RouteTable {
-  readonly routes: readonly RouteSpec[];
-  readonly fallback: BackendSpec;
-  readonly conflicts: readonly RouteConflict[];
-  readonly #exact = new Map<string, RouteSpec[]>();
-  readonly #oneLabel = new Map<string, RouteSpec[]>();
-  readonly #anyLabels = new Map<string, RouteSpec[]>();
+/**
+ * A table under construction: the pattern maps and what goes with them. Filled route by route,
+ * so that a big table can be built in slices between which connections are served.
+ */
+class TableParts {
+  readonly exact = new Map<string, RouteSpec[]>();
+  readonly oneLabel = new Map<string, RouteSpec[]>();
+  readonly anyLabels = new Map<string, RouteSpec[]>();
   /** 1 at each number of labels that some `*.` (`**.`) pattern's suffix has. */
-  readonly #oneDepth = new Uint8Array(256);
-  readonly #anyDepth = new Uint8Array(256);
-  #anyMinDepth = 256;
+  readonly oneDepth = new Uint8Array(256);
+  readonly anyDepth = new Uint8Array(256);
+  anyMinDepth = 256;
+  readonly kept: RouteSpec[] = [];
+  readonly conflicts: RouteConflict[] = [];
+  /** Patterns holding more than one route: ordered when the table is finished. */
+  readonly shared = new Set<RouteSpec[]>();
 
-  /**
-   * Builds a table from routes in precedence order. On the same match and alpn the first route
-   * wins; the others are reported in `conflicts` and left out.
-   */
-  constructor(routes: readonly RouteSpec[], fallback: BackendSpec) {
-    this.fallback = fallback;
-    const kept: RouteSpec[] = [];
-    const conflicts: RouteConflict[] = [];
-    for (const route of routes) {
-      let map = this.#exact;
+  /** Adds routes[from..to) in precedence order: on the same match and alpn the first one stays. */
+  add(routes: readonly RouteSpec[], from: number, to: number): void {
+    for (let i = from; i < to; i++) {
+      const route = routes[i];
+      let map = this.exact;
       let name = route.match;
       if (name.startsWith('**.')) {
-        map = this.#anyLabels;
+        map = this.anyLabels;
         name = name.slice(3);
       } else if (name.startsWith('*.')) {
-        map = this.#oneLabel;
+        map = this.oneLabel;
         name = name.slice(2);
       }
       const list = map.get(name);
-      if (list === undefined && map !== this.#exact) {
-        const depth = labelCount(name);
-        if (map === this.#oneLabel) {
-          this.#oneDepth[depth] = 1;
-        } else {
-          this.#anyDepth[depth] = 1;
-          if (depth < this.#anyMinDepth) this.#anyMinDepth = depth;
-        }
-      }
       if (list === undefined) {
+        if (map !== this.exact) {
+          const depth = labelCount(name);
+          if (map === this.oneLabel) {
+            this.oneDepth[depth] = 1;
+          } else {
+            this.anyDepth[depth] = 1;
+            if (depth < this.anyMinDepth) this.anyMinDepth = depth;
+          }
+        }
         map.set(name, [route]);
       } else {
         // Same match and alpn as a route already kept: a conflict (patterns hold a few routes).
         const key = alpnKey(route.alpn);
         const winner = list.find((r) => alpnKey(r.alpn) === key);
         if (winner !== undefined) {
-          conflicts.push({ winner, loser: route });
+          this.conflicts.push({ winner, loser: route });
           continue;
         }
         list.push(route);
+        this.shared.add(list);
       }
-      kept.push(route);
+      this.kept.push(route);
     }
-    // Within one pattern, routes with an ALPN condition are tried first, in order, then the one
-    // without (a stable sort keeps their relative order).
-    for (const map of [this.#exact, this.#oneLabel, this.#anyLabels]) {
-      for (const list of map.values()) {
-        if (list.length > 1) list.sort((a, b) => (a.alpn === null ? 1 : 0) - (b.alpn === null ? 1 : 0));
-      }
+  }
+
+  /**
+   * Within one pattern, routes with an ALPN condition are tried first, in order, then the one
+   * without (a stable sort keeps their relative order).
+   */
+  finish(): void {
+    for (const list of this.shared) list.sort((a, b) => (a.alpn === null ? 1 : 0) - (b.alpn === null ? 1 : 0));
+  }
+}
+
+/** Routes added to a table between two turns of the event loop when it is built in slices (~5 ms). */
+const BUILD_SLICE = 5000;
+/** Patterns compared between two turns when tables are diffed in slices. */
+const DIFF_SLICE = 20_000;
+
+/** Gives the event loop a turn: pending reads, accepts and timers run before the next slice. */
+export const nextTurn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
+
+export class RouteTable {
+  readonly routes: readonly RouteSpec[];
+  readonly fallback: BackendSpec;
+  readonly conflicts: readonly RouteConflict[];
+  readonly #exact: Map<string, RouteSpec[]>;
+  readonly #oneLabel: Map<string, RouteSpec[]>;
+  readonly #anyLabels: Map<string, RouteSpec[]>;
+  readonly #oneDepth: Uint8Array;
+  readonly #anyDepth: Uint8Array;
+  readonly #anyMinDepth: number;
+
+  /**
+   * Builds a table from routes in precedence order. On the same match and alpn the first route
+   * wins; the others are reported in `conflicts` and left out.
+   */
+  constructor(routes: readonly RouteSpec[], fallback: BackendSpec, built?: TableParts) {
+    let parts = built;
+    if (parts === undefined) {
+      parts = new TableParts();
+      parts.add(routes, 0, routes.length);
+      parts.finish();
     }
-    this.routes = Object.freeze(kept);
-    this.conflicts = Object.freeze(conflicts);
+    this.fallback = fallback;
+    this.#exact = parts.exact;
+    this.#oneLabel = parts.oneLabel;
+    this.#anyLabels = parts.anyLabels;
+    this.#oneDepth = parts.oneDepth;
+    this.#anyDepth = parts.anyDepth;
+    this.#anyMinDepth = parts.anyMinDepth;
+    this.routes = Object.freeze(parts.kept);
+    this.conflicts = Object.freeze(parts.conflicts);
+  }
+
+  /**
+   * The same table, built in slices of a few thousand routes with a turn of the event loop between
+   * them: 200,000 routes take ~150 ms to build, which in one piece would hold up every handshake.
+   */
+  static async build(routes: readonly RouteSpec[], fallback: BackendSpec): Promise<RouteTable> {
+    const parts = new TableParts();
+    for (let from = 0; from < routes.length; from += BUILD_SLICE) {
+      if (from > 0) await nextTurn();
+      parts.add(routes, from, Math.min(routes.length, from + BUILD_SLICE));
+    }
+    parts.finish();
+    return new RouteTable(routes, fallback, parts);
   }
 
   /** The pattern maps (exact, `*.`, `**.`), for diffTables: name to routes in lookup order. */
@@ -133,30 +189,46 @@ export interface RouteDiff {
  */
 export function diffTables(before: RouteTable, after: RouteTable): RouteDiff {
   const diff: RouteDiff = { added: [], removed: [], changed: [] };
+  const steps = diffSteps(before, after, diff);
+  while (!steps.next().done);
+  return diff;
+}
+
+/** diffTables in slices, with a turn of the event loop between them. */
+export async function diffTablesSliced(before: RouteTable, after: RouteTable): Promise<RouteDiff> {
+  const diff: RouteDiff = { added: [], removed: [], changed: [] };
+  const steps = diffSteps(before, after, diff);
+  while (!steps.next().done) await nextTurn();
+  return diff;
+}
+
+/** Fills `diff`, pausing (yielding) after every DIFF_SLICE patterns. */
+function* diffSteps(before: RouteTable, after: RouteTable, diff: RouteDiff): Generator<void, void, void> {
   const a = before.patterns();
   const b = after.patterns();
-  // forEach rather than for-of: no entry array per pattern (this runs once per table, unoptimized).
+  let n = 0;
   for (let i = 0; i < b.length; i++) {
     const old = a[i];
     const next = b[i];
     let found = 0;
-    next.forEach((list, name) => {
+    for (const [name, list] of next) {
+      if (++n % DIFF_SLICE === 0) yield;
       const prev = old.get(name);
       if (prev === undefined) {
         for (const r of list) diff.added.push(r);
-        return;
+        continue;
       }
       found++;
       if (prev !== list) diffPattern(prev, list, diff);
-    });
+    }
     // Names the old table has and the new one lacks: only if not every old name was found.
     if (found < old.size) {
-      old.forEach((list, name) => {
+      for (const [name, list] of old) {
+        if (++n % DIFF_SLICE === 0) yield;
         if (!next.has(name)) for (const r of list) diff.removed.push(r);
-      });
+      }
     }
   }
-  return diff;
 }
 
 function diffPattern(prev: readonly RouteSpec[], next: readonly RouteSpec[], diff: RouteDiff): void {

@@ -3,7 +3,9 @@
 // coalesced for a few tens of milliseconds; a merge that changes nothing is not applied.
 import type { Logger } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import { type RouteConflict, RouteTable, type Router, diffTables } from '../router/table.ts';
+import {
+  type RouteConflict, type RouteDiff, RouteTable, type Router, diffTables, diffTablesSliced,
+} from '../router/table.ts';
 import {
   type BackendSpec, type RouteSpec, alpnKey, clip, describeBackend, describeRoute, routeKey, sameBackend,
 } from '../model/route.ts';
@@ -28,6 +30,12 @@ interface Tracked {
   /** The current outage: failures reported, and the distinct errors already logged (a few). */
   outage: { failures: number; logged: Set<string> } | null;
 }
+
+/**
+ * Up to this many routes, a merge is built in one piece (a few milliseconds); beyond, in slices
+ * (RouteTable.build): at 200,000 routes a build and a diff take ~150 ms each.
+ */
+const SYNC_MERGE_ROUTES = 20_000;
 
 /** Distinct errors of one outage logged as warnings; more than this are debug. */
 const OUTAGE_MESSAGES = 4;
@@ -56,6 +64,9 @@ export class Composer {
   #gaugesStale = true;
   /** Merges run (each builds a table): an unchanged read must not add one. */
   #merges = 0;
+  /** The merge under way when it is built in slices, and whether another must follow it. */
+  #merging: Promise<void> | null = null;
+  #mergeAgain = false;
   /** Whether a backend address is the router's own (set once the router knows where it listens). */
   #isSelf: (addr: string) => boolean = () => false;
 
@@ -68,10 +79,10 @@ export class Composer {
   }
 
   /** Sets the config's routes and fallback (at start and on SIGHUP) and applies them at once. */
-  setConfig(routes: readonly RouteSpec[], fallback: BackendSpec): void {
+  setConfig(routes: readonly RouteSpec[], fallback: BackendSpec): Promise<void> {
     this.#configRoutes = routes;
     this.#fallback = fallback;
-    this.applyNow();
+    return this.applyNow();
   }
 
   /** Replaces the set of sources (in precedence order): stops the old ones, starts the new. */
@@ -110,7 +121,7 @@ export class Composer {
     })));
     // At once, not coalesced: at start the first table must hold what the sources read before
     // the router listens.
-    this.applyNow();
+    await this.applyNow();
   }
 
   /**
@@ -168,6 +179,7 @@ export class Composer {
     this.#stopped = true;
     if (this.#timer !== null) clearTimeout(this.#timer);
     this.#timer = null;
+    await this.#merging;
     await Promise.all(this.#sources.map((t) => t.source.stop().catch(() => {})));
   }
 
@@ -245,31 +257,84 @@ export class Composer {
     if (this.#timer !== null || this.#stopped) return;
     this.#timer = setTimeout(() => {
       this.#timer = null;
-      try {
-        this.applyNow();
-      } catch (err) {
-        // A table that cannot be built must not take the data plane down with it: the running
-        // table stays, and the next change or resync tries again.
-        this.#logger.error({ err: (err as Error).message }, 'route table update failed, keeping the running table');
-      }
+      void this.applyNow();
     }, this.#coalesceMs);
   }
 
-  /** Merges everything and replaces the table if anything changed. */
-  applyNow(): void {
+  /**
+   * Merges everything and replaces the table if anything changed. A merge of a few thousand routes
+   * runs at once; a bigger one is built and compared in slices with turns of the event loop between
+   * them, so that connections keep being served while it runs (one merge at a time: a change that
+   * arrives meanwhile is merged right after, and the promise settles once it is).
+   */
+  applyNow(): Promise<void> {
     if (this.#timer !== null) {
       clearTimeout(this.#timer);
       this.#timer = null;
     }
+    if (this.#merging !== null) {
+      this.#mergeAgain = true;
+      return this.#merging;
+    }
+    const merged = this.#merged();
+    if (merged.length <= SYNC_MERGE_ROUTES) {
+      this.#guarded(() => {
+        const current = this.#router.table;
+        const table = new RouteTable(merged, this.#fallback);
+        this.#install(current, table, diffTables(current, table));
+      });
+      return Promise.resolve();
+    }
+    this.#merging = (async () => {
+      try {
+        let routes = merged;
+        for (;;) {
+          this.#mergeAgain = false;
+          const current = this.#router.table;
+          const table = await RouteTable.build(routes, this.#fallback);
+          const diff = await diffTablesSliced(current, table);
+          if (!this.#stopped) this.#guarded(() => this.#install(current, table, diff));
+          if (!this.#mergeAgain || this.#stopped) break;
+          routes = this.#merged();
+        }
+      } catch (err) {
+        this.#failedMerge(err);
+      } finally {
+        this.#merging = null;
+      }
+    })();
+    return this.#merging;
+  }
+
+  /** Config routes, then every source's, in precedence order; counted as one merge. */
+  #merged(): readonly RouteSpec[] {
     this.#merges++;
     // concat, not push(...routes): a spread passes every route as an argument, and a source with
     // 125,000 routes overflows the stack.
     let merged: readonly RouteSpec[] = this.#configRoutes;
     for (const t of this.#sources) if (t.snapshot !== null) merged = merged.concat(t.snapshot.routes);
-    const current = this.#router.table;
-    const table = new RouteTable(merged, this.#fallback);
+    return merged;
+  }
+
+  #guarded(fn: () => void): void {
+    try {
+      fn();
+    } catch (err) {
+      this.#failedMerge(err);
+    }
+  }
+
+  /**
+   * A table that cannot be built must not take the data plane down with it: the running table
+   * stays, and the next change or resync tries again.
+   */
+  #failedMerge(err: unknown): void {
+    this.#logger.error({ err: (err as Error).message }, 'route table update failed, keeping the running table');
+  }
+
+  /** Swaps `table` in for `current` if `diff` (or the fallback) says anything changed. */
+  #install(current: RouteTable, table: RouteTable, diff: RouteDiff): void {
     this.#reportConflicts(table);
-    const diff = diffTables(current, table);
     const fallbackChanged = !sameBackend(current.fallback, table.fallback);
     if (diff.added.length === 0 && diff.removed.length === 0 && diff.changed.length === 0 && !fallbackChanged) {
       // Nothing to swap; the gauges still describe the live table from the start, and after the

@@ -4,9 +4,11 @@
 // disconnected is lost; the hash is therefore also read on every (re)connect of either connection
 // and every `resync_interval`, so a lost message costs at most one resync.
 //
-// Each read hashes the reply as it comes (field and value bytes, in Redis's order); a reply whose
-// digest equals the last snapshot's is reported unchanged and nothing is parsed, validated or
-// merged. A changed one is validated in slices that let connections through between them.
+// The hash is read with HSCAN, a thousand fields at a time, so that a big one (200,000 routes is
+// a 20 MB reply) is decoded in small pieces between which connections are served, not in one
+// stall. The entries are hashed in Redis's order; a digest equal to the last snapshot's is reported
+// unchanged and nothing is validated or merged. In a changed hash only the entries whose value
+// changed are parsed and validated again (the others keep their route), in slices.
 import { createHash } from 'node:crypto';
 import { Redis, type RedisOptions } from 'ioredis';
 import { route } from '../config/routes.ts';
@@ -51,6 +53,8 @@ export class RedisSource implements RouteSource {
   #outage: string | null = null;
   /** Digest of the hash the last snapshot was made from (null: none yet, or a read must not be skipped). */
   #digest: string | null = null;
+  /** The last snapshot's entries: field → its value and what it made. */
+  #entries: ReadonlyMap<string, Entry> = new Map();
   /** Settles on the first read's outcome, for start(). */
   #firstRead: (() => void) | null = null;
 
@@ -133,8 +137,9 @@ export class RedisSource implements RouteSource {
   }
 
   resync(): void {
-    // An explicit resync (SIGHUP) reads and applies in full, whatever the digest says.
+    // An explicit resync (SIGHUP) reads, validates and applies in full, whatever the digest says.
     this.#digest = null;
+    this.#entries = new Map();
     void this.#requestRead();
   }
 
@@ -170,21 +175,22 @@ export class RedisSource implements RouteSource {
     const client = this.#client;
     // Not connected: the loss is already reported, and 'ready' will read.
     if (client === null || client.status !== 'ready') return;
-    let hash: Record<string, string>;
+    let hash: Map<string, string>;
+    let digest: string;
     try {
-      hash = await client.hgetall(this.#config.key);
+      ({ hash, digest } = await scanHash(client, this.#config.key, () => this.#stopped));
     } catch (err) {
       this.#report(err as Error);
       return;
     }
     if (this.#stopped) return;
-    const digest = digestOf(hash);
     if (digest === this.#digest) {
       this.#sink?.unchanged();
     } else {
-      const snapshot = await snapshotFromHash(hash, this.name);
+      const { snapshot, entries } = await snapshotFromEntries(hash, this.name, this.#entries);
       if (this.#stopped) return;
       this.#digest = digest;
+      this.#entries = entries;
       this.#sink?.snapshot(snapshot);
     }
     this.#settleFirst();
@@ -220,26 +226,68 @@ export class RedisSource implements RouteSource {
   }
 }
 
-/** A digest of the reply, in Redis's order: an unchanged hash comes back in the same order. */
-function digestOf(hash: Readonly<Record<string, string>>): string {
-  const h = createHash('sha256');
-  for (const field in hash) h.update(field).update('\u0000').update(hash[field]).update('\u0001');
-  return h.digest('base64');
+/** Fields asked for per HSCAN: a reply of about 100 KB at a time. */
+const SCAN_COUNT = 1000;
+
+/**
+ * Every field of the hash, by HSCAN, and a digest of what was read in Redis's order (an unchanged
+ * hash is scanned in the same order), hashed batch by batch as the replies arrive. A field that
+ * changes during the scan may come back twice (the last value read wins) or not at all: its
+ * change's PUBLISH, or the next resync, reads it again.
+ */
+async function scanHash(client: Redis, key: string, stopped: () => boolean): Promise<{ hash: Map<string, string>; digest: string }> {
+  const hash = new Map<string, string>();
+  const digest = createHash('sha256');
+  let cursor = '0';
+  do {
+    const [next, flat] = await client.hscan(key, cursor, 'COUNT', SCAN_COUNT);
+    for (let i = 0; i + 1 < flat.length; i += 2) {
+      hash.set(flat[i], flat[i + 1]);
+      digest.update(flat[i]).update('\u0000').update(flat[i + 1]).update('\u0001');
+    }
+    cursor = next;
+  } while (cursor !== '0' && !stopped());
+  return { hash, digest: digest.digest('base64') };
 }
 
-/** Hash fields to a snapshot: an entry that does not make a valid route is skipped and reported. */
-export async function snapshotFromHash(hash: Readonly<Record<string, string>>, source: string): Promise<Snapshot> {
+/** What one hash entry made: its route, or why it was refused. */
+interface Entry {
+  readonly value: string;
+  readonly route: RouteSpec | null;
+  readonly error: string | null;
+}
+
+/**
+ * Hash entries to a snapshot: an entry that does not make a valid route is skipped and reported.
+ * An entry whose value is the same as in `previous` keeps what it made there (no JSON parse, no
+ * validation), so a change of a few entries in a big hash costs a few. The order of the routes is
+ * Redis's: each field is its own match, so the order decides nothing.
+ */
+export async function snapshotFromEntries(
+  hash: ReadonlyMap<string, string>, source: string, previous: ReadonlyMap<string, Entry> = new Map(),
+): Promise<{ snapshot: Snapshot; entries: Map<string, Entry> }> {
   const routes: RouteSpec[] = [];
   const invalid: InvalidEntry[] = [];
-  // Sorted, so that the same hash always yields the same snapshot whatever order Redis returns it in.
-  await forEachSliced(Object.keys(hash).sort(), (field) => {
-    try {
-      routes.push(routeFromEntry(field, hash[field], source));
-    } catch (err) {
-      invalid.push({ entry: clip(field), error: (err as Error).message });
+  const entries = new Map<string, Entry>();
+  await forEachSliced([...hash], ([field, value]) => {
+    let entry = previous.get(field);
+    if (entry === undefined || entry.value !== value) {
+      try {
+        entry = { value, route: routeFromEntry(field, value, source), error: null };
+      } catch (err) {
+        entry = { value, route: null, error: (err as Error).message };
+      }
     }
+    entries.set(field, entry);
+    if (entry.route !== null) routes.push(entry.route);
+    else invalid.push({ entry: clip(field), error: entry.error! });
   });
-  return { routes, invalid };
+  return { snapshot: { routes, invalid }, entries };
+}
+
+/** Hash fields to a snapshot (each validated). */
+export async function snapshotFromHash(hash: Readonly<Record<string, string>>, source: string): Promise<Snapshot> {
+  return (await snapshotFromEntries(new Map(Object.entries(hash)), source)).snapshot;
 }
 
 /** One hash entry as a route, or an error saying why not. */
