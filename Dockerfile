@@ -46,5 +46,6 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
 # SIGTERM drains for shutdown_grace: give `docker stop` a longer timeout (-t 45, or
 # stop_grace_period in compose).
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["node", "--max-semi-space-size=8", "src/cli.ts"]
+# --disable-sigusr1: SIGUSR1 would open the inspector to whoever can signal the process.
+ENTRYPOINT ["node", "--disable-sigusr1", "--max-semi-space-size=8", "src/cli.ts"]
 CMD ["run", "--config", "/etc/sni-router/sni-router.yaml"]

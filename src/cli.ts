@@ -27,6 +27,7 @@ Options:
 Signals:
   SIGTERM, SIGINT     stop accepting, let open connections finish for shutdown_grace, exit 0
   SIGHUP              re-read the config file and resync every source (a bad file is rejected)
+  SIGUSR2             logged and ignored
 
 Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error.
 Admin HTTP (admin.listen, default 127.0.0.1:9180): /metrics /healthz /readyz /routes /version
@@ -181,6 +182,8 @@ async function run(config: Config, env: NodeJS.ProcessEnv): Promise<number> {
     process.on('SIGHUP', () => {
       app.reload().catch((err: Error) => app.logger.error({ err: err.message }, 'reload failed'));
     });
+    // Node's default for SIGUSR2 is to end the process: a stray one must not drop every relay.
+    process.on('SIGUSR2', () => app.logger.warn({ signal: 'SIGUSR2' }, 'signal ignored'));
   });
 }
 

@@ -427,7 +427,7 @@ test('the Dockerfile builds from node:24-slim with production dependencies only 
   assert.ok(runtime.includes('EXPOSE 443 9180'));
   assert.match(runtime.find((l) => l.startsWith('HEALTHCHECK')) ?? '', /127\.0\.0\.1:9180\/healthz/);
   // Same Node flags as bin/sni-router (a small young generation keeps idle relays cheap).
-  assert.equal(runtime.find((l) => l.startsWith('ENTRYPOINT')), 'ENTRYPOINT ["node", "--max-semi-space-size=8", "src/cli.ts"]');
+  assert.equal(runtime.find((l) => l.startsWith('ENTRYPOINT')), 'ENTRYPOINT ["node", "--disable-sigusr1", "--max-semi-space-size=8", "src/cli.ts"]');
 
   // Every COPY source from the build context exists and is not excluded by .dockerignore.
   const ignored = readFileSync(join(ROOT, '.dockerignore'), 'utf8').split('\n').map((l) => l.trim()).filter((l) => l !== '' && !l.startsWith('#'));

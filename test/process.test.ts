@@ -262,6 +262,31 @@ describe('hostile conditions', () => {
     }
   });
 
+  test('stray SIGUSR1 and SIGUSR2 neither stop the router nor open a debugger', async () => {
+    const web = await tlsBackend('web', cert);
+    const p = await spawnRouter(config(join(dir, 'usr.yaml'), `fallback: { addr: "127.0.0.1:${web.port}" }\n`));
+    try {
+      for (const signal of ['SIGUSR2', 'SIGUSR1', 'SIGUSR2'] as const) p.child.kill(signal);
+      await sleep(500);
+      assert.equal(p.child.exitCode, null, 'still running');
+      assert.match((await tlsHello(p.port, 'cdn.example.com')).line, /^web /);
+      const inspector = await new Promise<boolean>((resolve) => {
+        const s = net.connect({ host: '127.0.0.1', port: 9229 }, () => {
+          s.destroy();
+          resolve(true);
+        });
+        s.on('error', () => resolve(false));
+      });
+      assert.equal(inspector, false, 'no inspector listening on 9229');
+      assert.ok(p.logs.some((l) => l.msg === 'signal ignored' && l.signal === 'SIGUSR2'));
+      p.child.kill('SIGTERM');
+      assert.equal(await p.exit, 0);
+    } finally {
+      p.child.kill('SIGKILL');
+      await web.close();
+    }
+  });
+
   test('a client that resets mid-relay does not disturb others', async () => {
     const rec = await recordingBackend({ reply: 'hi' });
     const file = config(join(dir, 'reset.yaml'), `fallback: { addr: "127.0.0.1:${rec.port}" }\n`);
