@@ -358,3 +358,30 @@ test('an unchanged Redis hash replaces nothing and rebuilds nothing; a change is
   await waitFor(async () => (await rg.reach(r.port, 'b.example.test')) === 'turn', 3000, 'the change to route');
   assert.ok(r.app.composer.merges > merges);
 });
+
+test('PostgreSQL rows of any shape never throw out of the row validators, and make only routes that can be dialled and labelled', async () => {
+  const { snapshotFromRows, snapshotFromNamespaces, compileNames } = await import('../src/sources/postgres-rows.ts');
+  const { DEFAULT_NAMES } = await import('../src/config/names.ts');
+  const value = fc.oneof(
+    fc.jsonValue({ maxDepth: 2 }), fc.string({ maxLength: 30 }), fc.string({ unit: 'binary', maxLength: 30 }),
+    fc.constantFrom('127.0.0.1:5349', 'a\u0000b:1', 'h2,http/1.1', '', 'none', 'acme', 'ACME', 'x'.repeat(70), '5349', '0', '65536'),
+    fc.integer(), fc.boolean(), fc.constant(null), fc.array(fc.string({ maxLength: 10 }), { maxLength: 3 }),
+  );
+  const row = fc.dictionary(fc.constantFrom('match', 'addr', 'name', 'proxy_protocol', 'alpn', 'namespace', 'port', 'stealth', 'extra'), value);
+  const check = (routes: readonly { match: string; backend: { name: string; addrs: readonly string[] } }[]) => {
+    for (const r of routes) {
+      assert.match(r.match, /^(?:\*\*?\.)?[a-z0-9_.-]{1,253}$/);
+      assert.match(r.backend.name, /^[\x20-\x7e]{1,128}$/);
+      for (const a of r.backend.addrs) assert.match(a, /^(?:\[[0-9a-f:.]+(?:%[A-Za-z0-9_.-]+)?\]|[A-Za-z0-9_.-]+):\d{1,5}$/i);
+    }
+  };
+  const names = compileNames(DEFAULT_NAMES);
+  await fc.assert(fc.asyncProperty(fc.array(row, { maxLength: 8 }), async (rows) => {
+    const custom = await snapshotFromRows(rows, 'fuzz');
+    check(custom.routes);
+    assert.equal(custom.routes.length + custom.invalid.length, rows.length);
+    const byNamespace = await snapshotFromNamespaces(rows, { names, params: { base_domain: 'example.com' }, backendHost: '127.0.0.1', source: 'fuzz' });
+    check(byNamespace.routes);
+    for (const r of byNamespace.routes) assert.match(String(r.namespace), /^[a-z0-9-]{1,63}$/i);
+  }), { numRuns: 1500 });
+});
