@@ -243,8 +243,9 @@ export class App {
       this.#local!.accessLog = next.log.access;
     }
     if (JSON.stringify(prev.listen) !== JSON.stringify(next.listen) ||
-      JSON.stringify(prev.admin) !== JSON.stringify(next.admin) || prev.workers !== next.workers) {
-      this.logger.warn('listen, admin.listen and workers changes take effect at the next restart');
+      JSON.stringify(prev.admin) !== JSON.stringify(next.admin) || prev.workers !== next.workers ||
+      prev.server.relay !== next.server.relay) {
+      this.logger.warn('listen, admin.listen, workers and relay changes take effect at the next restart');
     }
     await this.composer.setConfig(next.routes, next.fallback);
     if (JSON.stringify(prev.sources) !== JSON.stringify(next.sources)) {

@@ -102,7 +102,7 @@ routes:
 
   test('an unknown key is an error naming the key and its line', () => {
     const e = errorOf(`${ORAMA}client_helo_timeout: 5s\n`);
-    assert.equal(e.message, 'x.yaml:13:1: unknown key "client_helo_timeout" (allowed: listen, client_hello_timeout, backend_dial_timeout, max_concurrent_conns, max_conns_per_ip, idle_timeout, shutdown_grace, max_client_hello_bytes, unroutable, acme_tls_alpn, backend_cooldown, tcp_keepalive, fallback, routes, admin, log, sources, certwatch, workers)');
+    assert.equal(e.message, 'x.yaml:13:1: unknown key "client_helo_timeout" (allowed: listen, client_hello_timeout, backend_dial_timeout, max_concurrent_conns, max_conns_per_ip, idle_timeout, shutdown_grace, max_client_hello_bytes, unroutable, acme_tls_alpn, backend_cooldown, tcp_keepalive, relay, fallback, routes, admin, log, sources, certwatch, workers)');
     const nested = errorOf(ORAMA.replace('      name: turn-tls', '      nmae: turn-tls'));
     assert.match(nested.message, /^x\.yaml:11:7: unknown key "nmae" in routes\[0\]\.backend/);
   });

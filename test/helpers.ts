@@ -168,6 +168,8 @@ export async function startRouter(yaml: string, opts: { env?: NodeJS.ProcessEnv;
   if (!/^admin:/m.test(text)) text = `admin: { listen: "127.0.0.1:0" }\n${text}`;
   const testWorkers = process.env.SNI_ROUTER_TEST_WORKERS;
   if (testWorkers !== undefined && testWorkers !== '' && !/^workers:/m.test(text)) text = `workers: ${testWorkers}\n${text}`;
+  const testRelay = process.env.SNI_ROUTER_TEST_RELAY;
+  if (testRelay !== undefined && testRelay !== '' && !/^relay:/m.test(text)) text = `relay: ${testRelay}\n${text}`;
   const config = parseConfig(text, opts.file ?? 'test.yaml', opts.env ?? process.env);
   const { logger, lines } = memoryLogger(config.log.level === 'info' ? 'debug' : config.log.level);
   const app = await App.start(config, { logger, env: opts.env });

@@ -15,6 +15,7 @@ import {
   type CertPair, makeCert, metricValue, rawExchange, recordingBackend, sleep, startRouter, tempDir, tlsBackend, tlsHello, waitFor,
 } from './helpers.ts';
 import { buildHello } from './support/hellos.ts';
+import { routerSuitePassesWith } from './support/suite.ts';
 
 const ROOT = join(import.meta.dirname, '..');
 const BIN = join(ROOT, 'bin', 'sni-router');
@@ -551,30 +552,5 @@ describe('bin/sni-router with workers: 2', () => {
 });
 
 describe('the data-plane suite with workers: 2', () => {
-  test('test/router.test.ts passes with SNI_ROUTER_TEST_WORKERS=2', async () => {
-    // A test runner of its own: without NODE_TEST_CONTEXT, which would make it report to this one.
-    const env: NodeJS.ProcessEnv = { ...process.env, SNI_ROUTER_TEST_WORKERS: '2' };
-    delete env.NODE_TEST_CONTEXT;
-    const child = spawn(NODE, ['--test', '--test-reporter=spec', '--test-timeout=120000', join(ROOT, 'test', 'router.test.ts')], {
-      cwd: ROOT, env, stdio: ['ignore', 'pipe', 'pipe'],
-    });
-    let out = '';
-    child.stdout!.on('data', (d) => {
-      out += d.toString();
-    });
-    child.stderr!.on('data', (d) => {
-      out += d.toString();
-    });
-    const timer = setTimeout(() => child.kill('SIGKILL'), 400_000);
-    const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
-    clearTimeout(timer);
-    const summary = out.split('\n').filter((l) => /^ℹ (tests|pass|fail|cancelled|skipped|todo|duration_ms) /.test(l));
-    console.log(`router.test.ts with workers: 2:\n${summary.join('\n')}`);
-    assert.equal(code, 0, out.slice(-4000));
-    const count = (k: string) => Number(summary.find((l) => l.startsWith(`ℹ ${k} `))?.split(' ')[2]);
-    assert.ok(count('pass') >= 20, 'the suite ran');
-    assert.equal(count('fail'), 0);
-    assert.equal(count('skipped'), 0);
-    assert.equal(count('cancelled'), 0);
-  });
+  test('test/router.test.ts passes with SNI_ROUTER_TEST_WORKERS=2', () => routerSuitePassesWith({ SNI_ROUTER_TEST_WORKERS: '2' }, 'workers: 2'));
 });

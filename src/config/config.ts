@@ -18,7 +18,7 @@ import {
 const TOP_KEYS = [
   'listen', 'client_hello_timeout', 'backend_dial_timeout', 'max_concurrent_conns', 'max_conns_per_ip',
   'idle_timeout', 'shutdown_grace', 'max_client_hello_bytes', 'unroutable', 'acme_tls_alpn',
-  'backend_cooldown', 'tcp_keepalive', 'fallback', 'routes', 'admin', 'log', 'sources', 'certwatch', 'workers',
+  'backend_cooldown', 'tcp_keepalive', 'relay', 'fallback', 'routes', 'admin', 'log', 'sources', 'certwatch', 'workers',
 ] as const;
 
 /**
@@ -108,6 +108,7 @@ export function configFromValue(v: unknown, file: string): Config {
       acmeTlsAlpn: opt(o, 'acme_tls_alpn', [], (x, p) => oneOf(x, p, ['fallback', 'route'] as const), 'fallback'),
       dialCooldownMs: opt(o, 'backend_cooldown', [], duration, 10_000),
       tcpKeepaliveMs: opt(o, 'tcp_keepalive', [], keepaliveDuration, DEFAULT_TCP_KEEPALIVE_MS),
+      relay: opt(o, 'relay', [], (x, p) => oneOf(x, p, ['native', 'portable'] as const), 'native'),
     }),
     fallback,
     routes,

@@ -23,6 +23,11 @@ export interface ServerSettings {
   readonly dialCooldownMs: number;
   /** Idle time before TCP keepalive probes a client (and a backend that is not on loopback); 0: off. */
   readonly tcpKeepaliveMs: number;
+  /**
+   * The relay: native (libuv handles, the default) or portable (net.Socket). Read when the data
+   * plane starts; native falls back to portable, with a warning, on a Node without its internals.
+   */
+  readonly relay: 'native' | 'portable';
 }
 
 export interface FileSourceConfig {
