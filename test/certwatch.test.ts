@@ -76,7 +76,7 @@ exit "$status"
 function entry(over: Partial<CertwatchConfig>): CertwatchConfig {
   return {
     name: 'cdn', domain: DOMAIN, caddyStorage: null, cert: null, key: null, copyTo: null, onChange: null,
-    minIntervalMs: 30_000, debounceMs: 500, ...over,
+    minIntervalMs: 30_000, debounceMs: 500, staggerMs: 0, restartWindow: null, urgentBeforeMs: 7 * DAY, namespace: null, ...over,
   };
 }
 
