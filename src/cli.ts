@@ -5,6 +5,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { App } from './app.ts';
 import { describeAction } from './certwatch/action.ts';
+import { DEFAULT_STAGGER_MS } from './config/certwatch.ts';
 import { inspectCertwatch } from './certwatch/inspect.ts';
 import { ConfigError, loadConfig, parseRoutesFile } from './config/load.ts';
 import type { CertwatchConfig, Config } from './config/types.ts';
@@ -111,7 +112,7 @@ function check(config: Config, env: NodeJS.ProcessEnv): string {
     return `${c.domain} from ${from}` +
       `${c.copyTo === null ? '' : `, copy to ${c.copyTo.dir} mode ${c.copyTo.mode.toString(8).padStart(4, '0')}`}` +
       `${c.onChange === null ? '' : `, on change ${describeAction(c.onChange)}`}` +
-      `${c.onChange === null ? '' : `, stagger ${span(c.staggerMs)}`}` +
+      `${c.onChange === null || c.staggerMs === DEFAULT_STAGGER_MS ? '' : `, stagger ${span(c.staggerMs)}`}` +
       `${c.restartWindow === null || c.onChange?.kind !== 'restart' ? '' : `, restarts in ${c.restartWindow.text} local time unless the served certificate expires within ${span(c.urgentBeforeMs)}`}`;
   };
   for (const c of config.certwatch) lines.push(`certwatch ${c.name}: ${certwatchLine(c)}`);

@@ -120,7 +120,10 @@ export class ActionScheduler {
   submit(job: ActionJob): void {
     if (this.#stopped) return;
     const slot = this.#slots.get(job.entry);
-    if (slot !== undefined && slot.state === 'running') {
+    if (slot !== undefined && slot.withdrawn) {
+      // The entry went and came back while its old action ran: that one ends unheard, this one queues.
+      this.#slots.set(job.entry, this.#fresh(job));
+    } else if (slot !== undefined && slot.state === 'running') {
       slot.next = job;
     } else if (slot !== undefined && slot.state !== 'failed') {
       Object.assign(slot, { job, attempts: 0, retryAt: 0, lastError: null, urgentNoted: false });

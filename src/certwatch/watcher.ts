@@ -143,7 +143,11 @@ export class CertWatcher<S> {
 
   /** The entries this watcher serves from now on: new ones are loaded and decide at once, gone ones are withdrawn. */
   setEntries(configs: readonly CertwatchConfig[]): void {
-    this.#desired = new Map(configs.map((c) => [c.name, c]));
+    const next = new Map(configs.map((c) => [c.name, c]));
+    const now = this.#desired ?? this.#entries;
+    // Another template's namespaces changed, or only skipped ones: nothing to read for.
+    if (this.#started && next.size === now.size && [...next.keys()].every((n) => now.has(n))) return;
+    this.#desired = next;
     if (this.#started) this.#kick('namespaces');
   }
 

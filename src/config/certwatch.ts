@@ -25,6 +25,8 @@ const ENTRY_NAME = /^[A-Za-z0-9_.-]+$/;
 const ENTRY_NAME_MAX = 200;
 /** A namespace for trying a template out at load: any valid label makes the same shape of entry. */
 const SAMPLE_NAMESPACE = 'x';
+/** Between one entry's action and the next entry's, unless `stagger` says otherwise. */
+export const DEFAULT_STAGGER_MS = 10_000;
 /** The longest urgent_before: a certificate lifetime is at most a year or so. */
 const URGENT_BEFORE_MAX_MS = 400 * 86_400_000;
 
@@ -110,7 +112,7 @@ export function certwatchEntry(v: unknown, path: Path): CertwatchEntry {
     onChange: o.on_change === undefined || o.on_change === null ? null : certAction(o.on_change, [...path, 'on_change'], r),
     minIntervalMs: opt(o, 'min_interval', path, duration, 30_000),
     debounceMs: opt(o, 'debounce', path, duration, 500),
-    staggerMs: opt(o, 'stagger', path, duration, 10_000),
+    staggerMs: opt(o, 'stagger', path, duration, DEFAULT_STAGGER_MS),
     restartWindow: opt<RestartWindow | null>(o, 'restart_window', path, restartWindow, null),
     urgentBeforeMs,
     namespace: null,
