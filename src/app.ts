@@ -5,7 +5,7 @@
 // runs in worker processes (src/worker.ts) that the WorkerPool starts, feeds with every new table
 // and asks for metrics; `server` is then the pool, which answers for all of them.
 import type { AddressInfo } from 'node:net';
-import { startCertwatch, type CertwatchHandle } from './certwatch/index.ts';
+import { startCertwatch, type CertwatchHandle, type Tuning as CertwatchTuning } from './certwatch/index.ts';
 import { WorkerPool, type WorkerStatus } from './cluster/pool.ts';
 import type { WorkerStats } from './cluster/protocol.ts';
 import { loadConfig } from './config/load.ts';
@@ -25,6 +25,8 @@ export interface AppOptions {
   /** Also receives the workers' log lines (sent over IPC); without it, workers write to stdout. */
   readonly logger?: Logger;
   readonly env?: NodeJS.ProcessEnv;
+  /** The cert watcher's timings and clock (tests); the defaults suit production. */
+  readonly certwatch?: Partial<CertwatchTuning>;
 }
 
 /** The data plane as the rest of the app sees it: one RouterServer, or the pool of workers. */
@@ -61,6 +63,7 @@ export class App {
   /** The workers (workers > 1), else null. */
   readonly #pool: WorkerPool | null = null;
   readonly #env: NodeJS.ProcessEnv;
+  readonly #certwatchTuning: Partial<CertwatchTuning> | undefined;
   #admin: AdminServer | null = null;
   #certwatch: CertwatchHandle | null = null;
   #listening = false;
@@ -89,6 +92,9 @@ export class App {
       });
     }
     this.composer = new Composer({ router: this.router, metrics: this.metrics, logger: this.logger });
+    this.#certwatchTuning = opts.certwatch;
+    // A namespace enabled or disabled in a source gets or loses its per-namespace cert watch entries.
+    this.composer.onNamespaces((namespaces) => this.#certwatch?.setNamespaces(namespaces));
   }
 
   static async start(config: Config, opts: AppOptions = {}): Promise<App> {
@@ -114,7 +120,7 @@ export class App {
       this.adminAddress = await this.#admin.listen(config.admin.listen);
     }
     await this.composer.setSources(createSources(config.sources, { logger: this.logger }));
-    this.#certwatch = await startCertwatch(config.certwatch, { logger: this.logger, metrics: this.metrics, env: this.#env });
+    await this.#startCertwatch(config);
     this.listenAddresses = this.#pool !== null ? await this.#pool.start() : await this.#local!.listen(config.listen);
     this.composer.setSelfCheck(ownAddressCheck(this.listenAddresses));
     this.#listening = true;
@@ -125,6 +131,14 @@ export class App {
       sources: config.sources.map((s) => s.name),
       workers: config.workers,
     }, 'sni-router started');
+  }
+
+  async #startCertwatch(config: Config): Promise<void> {
+    this.#certwatch = await startCertwatch(config.certwatch, {
+      logger: this.logger, metrics: this.metrics, env: this.#env, tuning: this.#certwatchTuning,
+    }, config.certwatchTemplates);
+    // The namespaces as they are now: a change published while it started found no handle to tell.
+    this.#certwatch.setNamespaces(this.composer.namespaces());
   }
 
   notReadyReason(): string | null {
@@ -167,6 +181,7 @@ export class App {
 
   routesView(): unknown {
     const table = this.router.table;
+    const certwatch = this.#certwatch?.view();
     const backendView = (b: typeof table.fallback) => ({
       name: b.name,
       addrs: b.addrs,
@@ -192,6 +207,8 @@ export class App {
       conflicts: this.composer.conflicts().map((c) => ({
         match: c.loser.match, alpn: alpnKey(c.loser.alpn) || null, winner: c.winner.source, loser: c.loser.source,
       })),
+      certwatch: certwatch?.entries ?? [],
+      certwatch_skipped: (certwatch?.skipped ?? []).map((s) => ({ template: s.template, namespace: s.namespace, reason: s.reason, detail: s.detail })),
       sources: this.composer.statuses().map((s) => ({
         name: s.name, type: s.type, state: s.state, routes: s.routes, last_error: s.lastError,
         failing_since: s.failingSince === null ? null : new Date(s.failingSince).toISOString(),
@@ -253,9 +270,10 @@ export class App {
     } else {
       this.composer.resyncAll();
     }
-    if (JSON.stringify(prev.certwatch) !== JSON.stringify(next.certwatch)) {
+    if (JSON.stringify([prev.certwatch, prev.certwatchTemplates]) !== JSON.stringify([next.certwatch, next.certwatchTemplates])) {
       await this.#certwatch?.stop();
-      this.#certwatch = await startCertwatch(next.certwatch, { logger: this.logger, metrics: this.metrics, env: this.#env });
+      this.#certwatch = null;
+      await this.#startCertwatch(next);
     } else {
       this.#certwatch?.recheck();
     }

@@ -1,12 +1,14 @@
 // Command line: run, check, --version, --help. Wiring only; the work is in app.ts and below.
 // Exit codes: 0 clean stop, 1 runtime failure, 2 usage or configuration error.
 import { existsSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { App } from './app.ts';
 import { describeAction } from './certwatch/action.ts';
+import { DEFAULT_STAGGER_MS } from './config/certwatch.ts';
 import { inspectCertwatch } from './certwatch/inspect.ts';
 import { ConfigError, loadConfig, parseRoutesFile } from './config/load.ts';
-import type { Config } from './config/types.ts';
+import type { CertwatchConfig, Config } from './config/types.ts';
 import { redactUrl } from './log.ts';
 import { RouteTable } from './router/table.ts';
 import { type RouteSpec, alpnKey, describeRoute } from './model/route.ts';
@@ -106,13 +108,28 @@ function check(config: Config, env: NodeJS.ProcessEnv): string {
       }
     }
   }
-  for (const c of config.certwatch) {
+  const certwatchLine = (c: CertwatchConfig) => {
     const from = c.caddyStorage !== null ? `caddy storage ${c.caddyStorage}` : `${c.cert} + ${c.key}`;
-    lines.push(`certwatch ${c.name}: ${c.domain} from ${from}` +
+    return `${c.domain} from ${from}` +
       `${c.copyTo === null ? '' : `, copy to ${c.copyTo.dir} mode ${c.copyTo.mode.toString(8).padStart(4, '0')}`}` +
-      `${c.onChange === null ? '' : `, on change ${describeAction(c.onChange)}`}`);
+      `${c.onChange === null ? '' : `, on change ${describeAction(c.onChange)}`}` +
+      `${c.onChange === null || c.staggerMs === DEFAULT_STAGGER_MS ? '' : `, stagger ${span(c.staggerMs)}`}` +
+      `${c.restartWindow === null || c.onChange?.kind !== 'restart' ? '' : `, restarts in ${c.restartWindow.text} local time unless the served certificate expires within ${span(c.urgentBeforeMs)}`}`;
+  };
+  for (const c of config.certwatch) lines.push(`certwatch ${c.name}: ${certwatchLine(c)}`);
+  // A template, as written: the namespaces are only known at run time, from the sources.
+  for (const t of config.certwatchTemplates) {
+    lines.push(`certwatch ${t.proto.name} (for each namespace the route sources yield at run time): ${certwatchLine(t.proto)}`);
   }
   return `${lines.join('\n')}\n`;
+}
+
+/** 604800000 → "7d", 10000 → "10s": as an operator writes durations. */
+function span(ms: number): string {
+  for (const [unit, size] of [['d', 86_400_000], ['h', 3_600_000], ['m', 60_000], ['s', 1000]] as const) {
+    if (ms >= size && ms % size === 0) return `${ms / size}${unit}`;
+  }
+  return `${ms}ms`;
 }
 
 export async function main(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): Promise<number> {
@@ -141,6 +158,10 @@ export async function main(argv: readonly string[], env: NodeJS.ProcessEnv = pro
       // systemctl), since the files may legitimately appear after the router starts.
       for (const c of config.certwatch) {
         for (const f of await inspectCertwatch(c, env)) process.stdout.write(`  certwatch ${c.name}: ${f.level}: ${f.message}\n`);
+      }
+      for (const t of config.certwatchTemplates) {
+        const dir = join(t.proto.caddyStorage!, 'certificates');
+        if (!existsSync(dir)) process.stdout.write(`  certwatch ${t.proto.name}: warn: ${dir} does not exist (yet): the watcher waits for it\n`);
       }
       return 0;
     }

@@ -227,6 +227,7 @@ describe('certwatch: docker actions', { concurrency: true }, () => {
     const entry = (name: string, onChange: CertAction): CertwatchConfig => ({
       name, domain: DOMAIN, caddyStorage: storage.root, cert: null, key: null,
       copyTo: { dir: join(dir, name), mode: 0o640 }, onChange, minIntervalMs: 0, debounceMs: 300,
+      staggerMs: 0, restartWindow: null, urgentBeforeMs: 7 * DAY, namespace: null,
     });
     const metrics = new Metrics({ defaultMetrics: false });
     const { logger, lines } = memoryLogger('debug');

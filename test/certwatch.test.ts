@@ -25,6 +25,7 @@ import {
   CaddyStorage, DAY, DOMAIN, HOUR, type Issued, LE, STAGING, TestCa, ZEROSSL, fingerprintOf,
 } from './support/caddy.ts';
 import { BIN, type RouterProcess, spawnRouterProcess } from './support/process.ts';
+import { recorder } from './support/recorder.ts';
 import { Proc, runUclient, startCoturn, startTurnPeer, toolGate } from './support/turn.ts';
 
 const coturnGate = toolGate(['turnserver', 'turnutils_peer', 'turnutils_uclient']);
@@ -32,51 +33,12 @@ const coturnGate = toolGate(['turnserver', 'turnutils_peer', 'turnutils_uclient'
 const RELOAD_BOUND_MS = 5000;
 
 // ---------------------------------------------------------------------------------------------
-// A program that records how it was called (stands in for reload scripts and for systemctl)
-
-interface Call {
-  readonly at: number;
-  readonly status: number;
-  readonly args: string[];
-}
-
-function recorder(dir: string, name: string, opts: { failFirst?: number; rejectKillWhom?: boolean } = {}) {
-  const path = join(dir, name);
-  const log = join(dir, `${name}.calls`);
-  const count = join(dir, `${name}.count`);
-  writeFileSync(path, `#!/bin/sh
-n=$(cat '${count}' 2>/dev/null || echo 0); n=$((n+1)); echo "$n" > '${count}'
-status=0
-if [ "$n" -le ${opts.failFirst ?? 0} ]; then status=3; fi
-${opts.rejectKillWhom === true ? `case "$*" in *--kill-whom=*) status=1;; esac` : ''}
-{ printf '%s\\t%s' "$(date +%s%3N)" "$status"; printf '\\t%s' "$@"; printf '\\n'; } >> '${log}'
-if [ "$status" = 1 ]; then echo "systemctl: unrecognized option '--kill-whom=main'" >&2; fi
-if [ "$status" = 3 ]; then echo "reload failed (simulated)" >&2; fi
-exit "$status"
-`);
-  chmodSync(path, 0o755);
-  const calls = (): Call[] => {
-    let text = '';
-    try {
-      text = readFileSync(log, 'utf8');
-    } catch {
-      return [];
-    }
-    return text.split('\n').filter((l) => l !== '').map((l) => {
-      const [at, status, ...args] = l.split('\t');
-      return { at: Number(at), status: Number(status), args };
-    });
-  };
-  return { path, calls };
-}
-
-// ---------------------------------------------------------------------------------------------
 // Running a watcher
 
 function entry(over: Partial<CertwatchConfig>): CertwatchConfig {
   return {
     name: 'cdn', domain: DOMAIN, caddyStorage: null, cert: null, key: null, copyTo: null, onChange: null,
-    minIntervalMs: 30_000, debounceMs: 500, ...over,
+    minIntervalMs: 30_000, debounceMs: 500, staggerMs: 0, restartWindow: null, urgentBeforeMs: 7 * DAY, namespace: null, ...over,
   };
 }
 

@@ -137,8 +137,9 @@ class HandFedSource implements RouteSource {
   }
   resync(): void {}
   async stop(): Promise<void> {}
-  feed(routes: ReadonlyArray<readonly [string, string]>, origin?: string): void {
-    const specs = routeList(routes.map(([match, name]) => ({ match, backend: { name, addr: '127.0.0.1:9' } })), [this.name], this.name);
+  /** [match, backend name] or [match, backend name, namespace]. */
+  feed(routes: ReadonlyArray<readonly [string, string, string?]>, origin?: string): void {
+    const specs = routeList(routes.map(([match, name, namespace]) => ({ match, backend: { name, addr: '127.0.0.1:9' }, namespace })), [this.name], this.name);
     this.#sink?.snapshot({ routes: specs, invalid: [], ...(origin === undefined ? {} : { origin }) });
   }
 }
@@ -154,6 +155,24 @@ async function handFed(configRoutes: ReadonlyArray<readonly [string, string]>, .
   await composer.setSources(sources);
   return { router, metrics, composer };
 }
+
+test('the namespaces of the live table are told to listeners when they change, and only then; a route that lost a conflict brings none', async () => {
+  const src = new HandFedSource('namespaces');
+  const { composer } = await handFed([['cdn.ns-c.test', 'config-wins']], src);
+  const heard: string[][] = [];
+  composer.onNamespaces((ns) => heard.push([...ns].sort()));
+  const settle = () => sleep(30);
+  src.feed([['cdn.ns-a.test', 'turn-a', 'a'], ['turn.ns-a.test', 'turn-a', 'a'], ['cdn.ns-b.test', 'turn-b', 'b'], ['cdn.ns-c.test', 'turn-c', 'c']]);
+  await settle();
+  assert.deepEqual(heard, [['a', 'b']], 'c\'s only route lost to the config');
+  src.feed([['cdn.ns-a.test', 'turn-a', 'a'], ['cdn.ns-b.test', 'turn-b', 'b'], ['other.test', 'other']]);
+  await settle();
+  assert.deepEqual(heard, [['a', 'b']], 'routes changed, the namespaces did not');
+  src.feed([['cdn.ns-a.test', 'turn-a', 'a']]);
+  await settle();
+  assert.deepEqual(heard, [['a', 'b'], ['a']]);
+  assert.deepEqual([...composer.namespaces()], ['a']);
+});
 
 test('a conflict that changes no lookup is still shown and counted: the table is not replaced, the conflicts are current', async () => {
   const early = new HandFedSource('early');

@@ -206,6 +206,49 @@ certwatch:
   });
 });
 
+describe('certwatch for each namespace', () => {
+  // ORAMA is 12 lines: certwatch: on line 13, the entry from line 14.
+  const cw = (entry: string) => `${ORAMA}certwatch:\n  - ${entry.trim().split('\n').join('\n    ')}\n`;
+  const TEMPLATE = `for_each: namespace
+name: "turn-{namespace}"
+domain: "cdn.ns-{namespace}.example.com"
+caddy_storage: /caddy
+copy_to: { dir: "/etc/turn/{namespace}" }
+on_change: { restart: { systemd_unit: "turn@{namespace}.service" } }`;
+
+  test('a for_each entry is a template; stagger, restart_window and urgent_before have defaults, and days are durations', () => {
+    const c = parseConfig(cw(TEMPLATE), 'x.yaml');
+    assert.deepEqual(c.certwatch, []);
+    assert.equal(c.certwatchTemplates.length, 1);
+    const proto = c.certwatchTemplates[0].proto;
+    assert.deepEqual([proto.name, proto.domain, proto.copyTo?.dir], ['turn-{namespace}', 'cdn.ns-{namespace}.example.com', '/etc/turn/{namespace}']);
+    assert.deepEqual([proto.staggerMs, proto.restartWindow, proto.urgentBeforeMs], [10_000, null, 7 * 86_400_000]);
+    const tuned = parseConfig(cw(`${TEMPLATE}\nstagger: 2s\nrestart_window: "23:00-02:00"\nurgent_before: 36h`), 'x.yaml').certwatchTemplates[0].proto;
+    assert.deepEqual([tuned.staggerMs, tuned.restartWindow, tuned.urgentBeforeMs], [2000, { startMin: 1380, endMin: 120, text: '23:00-02:00' }, 36 * 3_600_000]);
+    assert.equal(parseDuration('7d'), 7 * 86_400_000);
+    const plain = parseConfig(cw('domain: cdn.example.com\ncert: /a\nkey: /b\nrestart_window: "02:00-05:00"'), 'x.yaml').certwatch[0];
+    assert.deepEqual([plain.namespace, plain.staggerMs, plain.restartWindow?.text], [null, 10_000, '02:00-05:00']);
+  });
+
+  test('templates that can never work are errors at their key', () => {
+    const err = (entry: string) => errorOf(cw(entry)).message;
+    assert.equal(err(TEMPLATE.replace('for_each: namespace', 'for_each: node')), 'x.yaml:14:15: certwatch[0].for_each must be one of namespace, got "node"');
+    assert.equal(err(TEMPLATE.replace('turn-{namespace}', 'turn')), "x.yaml:15:11: certwatch[0].name must contain {namespace}: each namespace's entry needs a name (and files) of its own");
+    assert.equal(err(TEMPLATE.replace('"/etc/turn/{namespace}"', '"/etc/turn/{node}"')), 'x.yaml:18:21: certwatch[0].copy_to.dir: unknown placeholder {node} (known: {namespace})');
+    assert.equal(err(TEMPLATE.replace('caddy_storage: /caddy', 'caddy_storage: "/caddy/{namespace}"')),
+      'x.yaml:17:20: certwatch[0].caddy_storage cannot use {namespace} (it is the same for every namespace)');
+    assert.equal(err(TEMPLATE.replace('caddy_storage: /caddy', 'cert: /a\nkey: /b')),
+      "x.yaml:14:5: certwatch[0]: an entry with for_each: namespace reads Caddy's storage (caddy_storage), not cert and key");
+    assert.match(err(TEMPLATE.replace('turn@{namespace}.service', 'turn@{namespace}')), /^x\.yaml:19:43: certwatch\[0\]\.on_change\.restart\.systemd_unit makes no valid entry \(for namespace "x": .*does not end in a unit type/);
+    assert.equal(err(`${TEMPLATE}\nrestart_window: "5am-7am"`), 'x.yaml:20:21: certwatch[0].restart_window must be "HH:MM-HH:MM" in local time, like "02:00-05:00"');
+    assert.equal(err(`${TEMPLATE}\nurgent_before: 2y`), 'x.yaml:20:20: certwatch[0].urgent_before must be a duration like 7d or 36h, at most 400d');
+    assert.equal(err('domain: cdn.example.com\ncert: /a\nkey: /b\non_change: { exec: ["/bin/reload", "{namespace}"] }'),
+      'x.yaml:17:40: certwatch[0].on_change.exec[1] uses {namespace}, which only an entry with for_each: namespace fills in');
+    // {cert} and {key} stay known in a template's exec arguments.
+    assert.doesNotThrow(() => parseConfig(cw(TEMPLATE.replace(/on_change: .*/, 'on_change: { exec: ["/bin/reload", "{namespace}", "{cert}", "{key}"] }')), 'x.yaml'));
+  });
+});
+
 describe('postgres names', () => {
   // ORAMA is 12 lines: the source starts on line 14, a names entry on line 19.
   const pg = (extra: string, query = 'default') => `${ORAMA}sources:

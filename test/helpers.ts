@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import tls from 'node:tls';
-import { App } from '../src/app.ts';
+import { App, type AppOptions } from '../src/app.ts';
 import { parseConfig } from '../src/config/load.ts';
 import { createLogger, type Logger } from '../src/log.ts';
 
@@ -162,7 +162,9 @@ export interface RunningRouter {
  * ports when the YAML leaves them out). SNI_ROUTER_TEST_WORKERS=N runs the data plane in N worker
  * processes (`workers: N`) unless the YAML sets workers itself: the data-plane suites run both ways.
  */
-export async function startRouter(yaml: string, opts: { env?: NodeJS.ProcessEnv; file?: string } = {}): Promise<RunningRouter> {
+export async function startRouter(
+  yaml: string, opts: { env?: NodeJS.ProcessEnv; file?: string; certwatch?: AppOptions['certwatch'] } = {},
+): Promise<RunningRouter> {
   let text = yaml;
   if (!/^listen:/m.test(text)) text = `listen: "127.0.0.1:0"\n${text}`;
   if (!/^admin:/m.test(text)) text = `admin: { listen: "127.0.0.1:0" }\n${text}`;
@@ -172,7 +174,7 @@ export async function startRouter(yaml: string, opts: { env?: NodeJS.ProcessEnv;
   if (testRelay !== undefined && testRelay !== '' && !/^relay:/m.test(text)) text = `relay: ${testRelay}\n${text}`;
   const config = parseConfig(text, opts.file ?? 'test.yaml', opts.env ?? process.env);
   const { logger, lines } = memoryLogger(config.log.level === 'info' ? 'debug' : config.log.level);
-  const app = await App.start(config, { logger, env: opts.env });
+  const app = await App.start(config, { logger, env: opts.env, certwatch: opts.certwatch });
   const metricsText = () => app.metricsText();
   return {
     app,

@@ -5,7 +5,7 @@
 // watcher retries it.
 import { spawn } from 'node:child_process';
 import { readFile, stat } from 'node:fs/promises';
-import { DEFAULT_DOCKER_SOCKET } from '../config/config.ts';
+import { DEFAULT_DOCKER_SOCKET } from '../config/certwatch.ts';
 import type { CertAction, DockerTarget } from '../config/types.ts';
 import type { DeployedPaths } from './deploy.ts';
 import { dockerContainerRequest } from './docker.ts';

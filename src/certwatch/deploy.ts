@@ -8,7 +8,9 @@
 // ("pending …", written before the copy). copy_to alone cannot say it: a pair is copied before
 // the action runs, so a router stopped while the action was failing would otherwise find the pair
 // in place at its next start, take it as deployed, and never tell the TURN server, which would
-// serve the old certificate until it expired.
+// serve the old certificate until it expired. A pending record also says until when the
+// certificate the TURN server still serves is valid ("… serving-until <ISO date>"): a restart
+// deferred to restart_window stays deferred, or turns urgent, across a restart of the router.
 import { randomBytes } from 'node:crypto';
 import { mkdir, open, rename, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
@@ -57,22 +59,45 @@ export function pairId(leaf: Leaf): string {
  * every start could restart the TURN server for nothing.
  */
 export async function readDeployed(config: CertwatchConfig, now = new Date()): Promise<Deployed | null> {
+  return (await readDeployment(config, now)).deployed;
+}
+
+export interface Deployment {
+  readonly deployed: Deployed | null;
+  /** notAfter (ms) of the certificate the TURN server serves, as far as copy_to tells; null: unknown. */
+  readonly servingUntil: number | null;
+}
+
+const PENDING = /^pending \S+(?: serving-until (\S+))?$/;
+
+/** readDeployed, and what the TURN server serves: the acted-on pair, or what a pending record says. */
+export async function readDeployment(config: CertwatchConfig, now = new Date()): Promise<Deployment> {
   const held = await readCopyTo(config, now);
-  if (held === null || held.verdict.leaf === null) return null;
+  if (held === null || held.verdict.leaf === null) return { deployed: null, servingUntil: null };
   const read = await readSafely(actedPath(config.copyTo!, config.name), { within: null, maxBytes: 4096 });
   const record = read?.ok === true ? read.data.toString('utf8').trim() : null;
-  return { leaf: held.verdict.leaf, fit: held.verdict.ok, acted: record === null || record === pairId(held.verdict.leaf) };
+  const leaf = held.verdict.leaf;
+  const acted = record === null || record === pairId(leaf);
+  let servingUntil: number | null = acted ? leaf.notAfter.getTime() : null;
+  const pending = record === null ? null : PENDING.exec(record);
+  if (!acted && pending?.[1] !== undefined) {
+    const at = Date.parse(pending[1]);
+    if (Number.isFinite(at)) servingUntil = at;
+  }
+  return { deployed: { leaf, fit: held.verdict.ok, acted }, servingUntil };
 }
 
 /**
- * Records a deployment's progress: `pending` before copy_to is written, then, once on_change
- * succeeded, the pair itself. Returns a warning worth logging, like writeFileAtomic.
+ * Records a deployment's progress: `pending` before copy_to is written (with the notAfter of what
+ * the TURN server serves meanwhile, when known), then, once on_change succeeded, the pair itself.
+ * Returns a warning worth logging, like writeFileAtomic.
  */
 export async function recordDeployment(
-  copyTo: NonNullable<CertwatchConfig['copyTo']>, name: string, leaf: Leaf, state: 'pending' | 'acted',
+  copyTo: NonNullable<CertwatchConfig['copyTo']>, name: string, leaf: Leaf, state: 'pending' | 'acted', servingUntil: number | null = null,
 ): Promise<string | null> {
   await mkdir(copyTo.dir, { recursive: true, mode: 0o755 });
-  const text = state === 'pending' ? `pending ${pairId(leaf)}` : pairId(leaf);
+  const serving = servingUntil === null ? '' : ` serving-until ${new Date(servingUntil).toISOString()}`;
+  const text = state === 'pending' ? `pending ${pairId(leaf)}${serving}` : pairId(leaf);
   return writeFileAtomic(actedPath(copyTo, name), Buffer.from(`${text}\n`), copyTo.mode);
 }
 

@@ -78,7 +78,7 @@ export interface ReadContext {
 
 /** Reads and judges one pair; null when neither file exists (and `required` is false). */
 export async function readPair(
-  where: string, certFile: string, keyFile: string, domain: string, required: boolean, ctx: ReadContext, now = new Date(),
+  where: string, certFile: string, keyFile: string, domain: string | null, required: boolean, ctx: ReadContext, now = new Date(),
 ): Promise<Candidate | null> {
   // The key first: Caddy writes the key before the certificate, so a certificate read after
   // it is at least as new (a mismatch in the other order is waited out all the same).
@@ -91,7 +91,7 @@ export async function readPair(
 }
 
 /** The context pairs of this entry are read in: the storage root and Caddy's own roots, or neither. */
-export async function readContext(config: CertwatchConfig): Promise<ReadContext> {
+export async function readContext(config: Pick<CertwatchConfig, 'caddyStorage'>): Promise<ReadContext> {
   if (config.caddyStorage === null) return { within: null, anchors: bundledRoots() };
   const within = await realpath(config.caddyStorage);
   return { within, anchors: [...bundledRoots(), ...await caddyRoots(config.caddyStorage, within)] };

@@ -118,6 +118,16 @@ export function coversDomain(x509: X509Certificate, domain: string): boolean {
   return x509.checkHost(domain, { subject: 'default', wildcards: true, partialWildcards: false }) !== undefined;
 }
 
+/**
+ * The DNS names of a leaf's subjectAltName (Leaf.names, as node prints it: "DNS:a, DNS:*.b"),
+ * lowercased. Names node had to quote (a comma or a quote inside) are no host names and left out.
+ */
+export function dnsNames(names: string): string[] {
+  const out: string[] = [];
+  for (const part of names.split(', ')) if (part.startsWith('DNS:') && !part.startsWith('DNS:"')) out.push(part.slice(4).toLowerCase());
+  return out;
+}
+
 export function contentHash(cert: Buffer | null, key: Buffer | null): string {
   const h = createHash('sha256');
   h.update(cert ?? Buffer.alloc(0));
@@ -151,10 +161,11 @@ export function chainProblem(chain: readonly X509Certificate[], anchors: readonl
 
 /**
  * Judges a pair read from disk (null: the file does not exist). `anchors` are the trusted roots a
- * chain's last certificate may be issued by (see chainProblem).
+ * chain's last certificate may be issued by (see chainProblem). A null domain judges everything
+ * but the name (a scan shared by many domains: each asks coversName of the pairs it may use).
  */
 export function judgePair(
-  cert: Buffer | null, key: Buffer | null, domain: string, now: Date = new Date(), anchors: readonly X509Certificate[] = [],
+  cert: Buffer | null, key: Buffer | null, domain: string | null, now: Date = new Date(), anchors: readonly X509Certificate[] = [],
 ): PairVerdict {
   const hash = contentHash(cert, key);
   const bad = (reason: InvalidReason, detail: string, leaf: Leaf | null = null): BadPair => ({
@@ -193,6 +204,6 @@ export function judgePair(
   if (problem !== null) return bad('bad_chain', problem, leaf);
   if (now < leaf.notBefore) return bad('not_yet_valid', `valid from ${leaf.notBefore.toISOString()}`, leaf);
   if (now > leaf.notAfter) return bad('expired', `expired at ${leaf.notAfter.toISOString()}`, leaf);
-  if (!coversDomain(x509, domain)) return bad('wrong_name', `does not cover ${domain} (${leaf.names || leaf.subject})`, leaf);
+  if (domain !== null && !coversDomain(x509, domain)) return bad('wrong_name', `does not cover ${domain} (${leaf.names || leaf.subject})`, leaf);
   return { ok: true, leaf, cert, key, contentHash: hash };
 }

@@ -1,18 +1,16 @@
 // The whole configuration from a plain value (parsed YAML with ${ENV} already substituted).
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
-import { constants as osConstants } from 'node:os';
 import { parse as parsePostgresUrl } from 'pg-connection-string';
 import { localInterfaceAddresses } from '../host.ts';
 import type { BackendSpec } from '../model/route.ts';
 import { isOwnAddress, selfMessage } from '../model/self-address.ts';
+import { certwatchEntry } from './certwatch.ts';
 import { DEFAULT_NAMES, nameTemplates } from './names.ts';
 import { backend, listenAddress, routeList } from './routes.ts';
-import type {
-  CertAction, CertwatchConfig, Config, DockerTarget, PostgresSourceConfig, SourceConfig,
-} from './types.ts';
+import type { CertwatchConfig, CertwatchTemplate, Config, PostgresSourceConfig, SourceConfig } from './types.ts';
 import {
-  ValueError, type Path, boolean, duration, integer, list, nonEmpty, object, oneOf, pathText, string,
+  ValueError, type Path, boolean, duration, integer, list, nonEmpty, object, oneOf, opt, pathText, string,
 } from './values.ts';
 
 const TOP_KEYS = [
@@ -31,11 +29,6 @@ export const DEFAULT_IDLE_TIMEOUT_MS = 15 * 60_000;
 export const DEFAULT_TCP_KEEPALIVE_MS = 60_000;
 
 const LOG_LEVELS = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'] as const;
-
-function opt<T>(o: Record<string, unknown>, key: string, path: Path, read: (v: unknown, p: Path) => T, dflt: T): T {
-  const v = o[key];
-  return v === undefined || v === null ? dflt : read(v, [...path, key]);
-}
 
 export function configFromValue(v: unknown, file: string): Config {
   const o = object(v ?? {}, [], TOP_KEYS);
@@ -68,15 +61,21 @@ export function configFromValue(v: unknown, file: string): Config {
       return src;
     });
 
+  // Names are unique among the entries as written; a template's instance whose name meets another
+  // entry's is skipped at run time (certwatch/expand.ts), since only the namespaces tell.
   const certNames = new Set<string>();
-  const certwatch = o.certwatch === undefined || o.certwatch === null
-    ? []
-    : list(o.certwatch, ['certwatch']).map((c, i) => {
-      const cw = certwatchConfig(c, ['certwatch', i]);
-      if (certNames.has(cw.name)) throw new ValueError(['certwatch', i, 'name'], `certwatch name "${cw.name}" is used twice`);
-      certNames.add(cw.name);
-      return cw;
+  const certwatch: CertwatchConfig[] = [];
+  const certwatchTemplates: CertwatchTemplate[] = [];
+  if (o.certwatch !== undefined && o.certwatch !== null) {
+    list(o.certwatch, ['certwatch']).forEach((c, i) => {
+      const cw = certwatchEntry(c, ['certwatch', i]);
+      const name = cw.kind === 'entry' ? cw.config.name : cw.template.proto.name;
+      if (certNames.has(name)) throw new ValueError(['certwatch', i, 'name'], `certwatch name "${name}" is used twice`);
+      certNames.add(name);
+      if (cw.kind === 'entry') certwatch.push(cw.config);
+      else certwatchTemplates.push(cw.template);
     });
+  }
 
   const fallback = backend(o.fallback, ['fallback'], 'fallback');
   const routes = routeList(o.routes, ['routes'], 'config');
@@ -119,6 +118,7 @@ export function configFromValue(v: unknown, file: string): Config {
     },
     sources,
     certwatch,
+    certwatchTemplates,
     workers,
   });
 }
@@ -247,113 +247,4 @@ function redisUrlError(url: string): string | null {
     return err instanceof URIError ? 'a user name or password holds a malformed %-escape (write % as %25)' : (err as Error).message;
   }
   return null;
-}
-
-const CERT_KEYS = [
-  'name', 'domain', 'caddy_storage', 'cert', 'key', 'copy_to', 'on_change', 'min_interval', 'debounce',
-] as const;
-
-function certwatchConfig(v: unknown, path: Path): CertwatchConfig {
-  const o = object(v, path, CERT_KEYS);
-  if (o.domain === undefined) throw new ValueError(path, `${pathText(path)} needs domain`);
-  const domain = nonEmpty(o.domain, [...path, 'domain']).toLowerCase().replace(/\.$/, '');
-  const name = opt(o, 'name', path, nonEmpty, domain);
-  if (!/^[A-Za-z0-9_.-]+$/.test(name)) {
-    throw new ValueError([...path, 'name'], `${pathText(path)}.name may hold only letters, digits, '.', '_' and '-' (it names files)`);
-  }
-  const caddyStorage = opt<string | null>(o, 'caddy_storage', path, nonEmpty, null);
-  const cert = opt<string | null>(o, 'cert', path, nonEmpty, null);
-  const key = opt<string | null>(o, 'key', path, nonEmpty, null);
-  if ((cert === null) !== (key === null)) {
-    throw new ValueError(path, `${pathText(path)}: cert and key go together`);
-  }
-  if ((caddyStorage === null) === (cert === null)) {
-    throw new ValueError(path, `${pathText(path)} needs exactly one of caddy_storage, or cert and key`);
-  }
-  let copyTo: CertwatchConfig['copyTo'] = null;
-  if (o.copy_to !== undefined && o.copy_to !== null) {
-    const c = object(o.copy_to, [...path, 'copy_to'], ['dir', 'mode']);
-    if (c.dir === undefined) throw new ValueError([...path, 'copy_to'], `${pathText(path)}.copy_to needs dir`);
-    const modeText = c.mode === undefined ? '0640' : string(c.mode, [...path, 'copy_to', 'mode']);
-    if (!/^0?[0-7]{3}$/.test(modeText)) {
-      throw new ValueError([...path, 'copy_to', 'mode'], `${pathText(path)}.copy_to.mode must be octal like "0640"`);
-    }
-    copyTo = { dir: nonEmpty(c.dir, [...path, 'copy_to', 'dir']), mode: parseInt(modeText, 8) };
-  }
-  return {
-    name,
-    domain,
-    caddyStorage,
-    cert,
-    key,
-    copyTo,
-    onChange: o.on_change === undefined || o.on_change === null ? null : certAction(o.on_change, [...path, 'on_change']),
-    minIntervalMs: opt(o, 'min_interval', path, duration, 30_000),
-    debounceMs: opt(o, 'debounce', path, duration, 500),
-  };
-}
-
-function signalName(v: unknown, path: Path): NodeJS.Signals {
-  let s = nonEmpty(v, path).toUpperCase();
-  if (!s.startsWith('SIG')) s = `SIG${s}`;
-  if (!(s in osConstants.signals)) throw new ValueError(path, `${pathText(path)}: unknown signal "${s}"`);
-  return s as NodeJS.Signals;
-}
-
-/** Where the Docker Engine listens unless docker_socket says otherwise. */
-export const DEFAULT_DOCKER_SOCKET = '/var/run/docker.sock';
-/** Docker's own rule for container names (ids fit it too). */
-const DOCKER_CONTAINER_NAME = /^[a-zA-Z0-9][a-zA-Z0-9_.-]*$/;
-
-/**
- * The one target of a signal or restart: `targets` are the keys that may name it. docker_socket
- * belongs to docker_container.
- */
-function actionTarget(o: Record<string, unknown>, p: Path, targets: readonly string[]): {
-  systemdUnit: string | null; pidFile: string | null; docker: DockerTarget | null;
-} {
-  const given = targets.filter((k) => o[k] !== undefined && o[k] !== null);
-  if (given.length !== 1) throw new ValueError(p, `${pathText(p)} needs exactly one of ${targets.join(', ')}`);
-  if (o.docker_socket !== undefined && o.docker_socket !== null && given[0] !== 'docker_container') {
-    throw new ValueError([...p, 'docker_socket'], `${pathText(p)}.docker_socket goes only with docker_container`);
-  }
-  let docker: DockerTarget | null = null;
-  if (given[0] === 'docker_container') {
-    const container = nonEmpty(o.docker_container, [...p, 'docker_container']);
-    if (!DOCKER_CONTAINER_NAME.test(container)) {
-      throw new ValueError([...p, 'docker_container'], `${pathText(p)}.docker_container "${container.slice(0, 80)}" is not a Docker container name `
-        + '(a letter or digit, then letters, digits, \'_\', \'.\' or \'-\')');
-    }
-    const socket = opt(o, 'docker_socket', p, nonEmpty, DEFAULT_DOCKER_SOCKET);
-    if (!socket.startsWith('/')) throw new ValueError([...p, 'docker_socket'], `${pathText(p)}.docker_socket must be an absolute path`);
-    docker = { container, socket };
-  }
-  return {
-    systemdUnit: given[0] === 'systemd_unit' ? nonEmpty(o.systemd_unit, [...p, 'systemd_unit']) : null,
-    pidFile: given[0] === 'pid_file' ? nonEmpty(o.pid_file, [...p, 'pid_file']) : null,
-    docker,
-  };
-}
-
-function certAction(v: unknown, path: Path): CertAction {
-  const o = object(v, path, ['signal', 'restart', 'exec']);
-  const given = Object.keys(o).filter((k) => o[k] !== undefined && o[k] !== null);
-  if (given.length !== 1) throw new ValueError(path, `${pathText(path)} needs exactly one of signal, restart, exec`);
-  if (o.signal !== undefined && o.signal !== null) {
-    const p = [...path, 'signal'];
-    const s = object(o.signal, p, ['systemd_unit', 'pid_file', 'docker_container', 'docker_socket', 'signal']);
-    const target = actionTarget(s, p, ['systemd_unit', 'pid_file', 'docker_container']);
-    if (s.signal === undefined) throw new ValueError(p, `${pathText(p)} needs signal (e.g. SIGUSR2)`);
-    return { kind: 'signal', ...target, signal: signalName(s.signal, [...p, 'signal']) };
-  }
-  if (o.restart !== undefined && o.restart !== null) {
-    const p = [...path, 'restart'];
-    const r = object(o.restart, p, ['systemd_unit', 'docker_container', 'docker_socket']);
-    const { systemdUnit, docker } = actionTarget(r, p, ['systemd_unit', 'docker_container']);
-    return { kind: 'restart', systemdUnit, docker };
-  }
-  const p = [...path, 'exec'];
-  const argv = list(o.exec, p).map((a, i) => nonEmpty(a, [...p, i]));
-  if (argv.length === 0) throw new ValueError(p, `${pathText(p)} needs a program to run`);
-  return { kind: 'exec', argv };
 }

@@ -89,6 +89,14 @@ export type CertAction =
   | { readonly kind: 'restart'; readonly systemdUnit: string | null; readonly docker: DockerTarget | null }
   | { readonly kind: 'exec'; readonly argv: readonly string[] };
 
+/** restart_window: local time of day, in minutes since midnight; start > end wraps midnight. */
+export interface RestartWindow {
+  readonly startMin: number;
+  readonly endMin: number;
+  /** As written, "02:00-05:00", for logs. */
+  readonly text: string;
+}
+
 export interface CertwatchConfig {
   readonly name: string;
   readonly domain: string;
@@ -100,6 +108,24 @@ export interface CertwatchConfig {
   readonly minIntervalMs: number;
   /** Quiet time after the last file event before the pair is read. */
   readonly debounceMs: number;
+  /** Between the end of this entry's action and the start of the next entry's (one renewal, many entries). */
+  readonly staggerMs: number;
+  /** `restart` actions wait for this window, unless urgent; null: any time. */
+  readonly restartWindow: RestartWindow | null;
+  /** A restart is urgent, window or not, when the certificate being served expires within this. */
+  readonly urgentBeforeMs: number;
+  /** The namespace a `for_each: namespace` entry was made for; null for an entry of the config file. */
+  readonly namespace: string | null;
+}
+
+/**
+ * A `for_each: namespace` entry: `proto` is an entry whose name, domain, copy_to.dir and action
+ * targets still hold `{namespace}` (checked at load: only known placeholders, and a sample
+ * namespace makes a valid entry). certwatch/expand.ts makes one entry per namespace from it.
+ */
+export interface CertwatchTemplate {
+  readonly forEach: 'namespace';
+  readonly proto: CertwatchConfig;
 }
 
 export interface Config {
@@ -113,6 +139,8 @@ export interface Config {
   readonly log: { readonly level: string; readonly access: boolean };
   readonly sources: readonly SourceConfig[];
   readonly certwatch: readonly CertwatchConfig[];
+  /** `for_each: namespace` entries, instantiated at run time from the namespaces the sources yield. */
+  readonly certwatchTemplates: readonly CertwatchTemplate[];
   /** Worker processes for the data plane; 1 runs everything in one process. */
   readonly workers: number;
 }

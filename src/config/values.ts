@@ -44,6 +44,12 @@ export function object(v: unknown, path: Path, allowed: readonly string[]): Reco
   return o;
 }
 
+/** The value of an optional key, read by `read`, or `dflt` when absent or null. */
+export function opt<T>(o: Record<string, unknown>, key: string, path: Path, read: (v: unknown, p: Path) => T, dflt: T): T {
+  const v = o[key];
+  return v === undefined || v === null ? dflt : read(v, [...path, key]);
+}
+
 export function list(v: unknown, path: Path): unknown[] {
   if (!Array.isArray(v)) throw new ValueError(path, `${pathText(path)} must be a list, got ${describe(v)}`);
   return v;
@@ -89,13 +95,16 @@ export function oneOf<T extends string>(v: unknown, path: Path, choices: readonl
   return s as T;
 }
 
-const UNIT_MS: Record<string, number> = { ns: 1e-6, us: 1e-3, 'µs': 1e-3, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+const UNIT_MS: Record<string, number> = { ns: 1e-6, us: 1e-3, 'µs': 1e-3, ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 
-/** Parses a Go-style duration ("250ms", "5s", "1m30s", "1.5h"; "0" alone) into milliseconds. */
+/**
+ * Parses a Go-style duration ("250ms", "5s", "1m30s", "1.5h"; "0" alone) into milliseconds. Days
+ * ("7d") too, which Go lacks: certificate lifetimes are counted in them.
+ */
 export function parseDuration(text: string): number | null {
   const s = text.trim();
   if (s === '0') return 0;
-  const re = /(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)/y;
+  const re = /(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d)/y;
   let total = 0;
   let i = 0;
   while (i < s.length) {

@@ -47,6 +47,8 @@ export class Metrics {
   readonly certNotAfter: Gauge<'cert'>;
   readonly certReloads: Counter<'cert' | 'result'>;
   readonly certInvalid: Counter<'cert' | 'reason'>;
+  readonly certActions: Gauge<'cert' | 'state'>;
+  readonly certwatchSkipped: Counter<'cert' | 'reason'>;
   readonly acceptErrors: Counter<'code'>;
   readonly workerRestarts: Counter;
   readonly workerConnectionsLost: Counter;
@@ -172,6 +174,18 @@ export class Metrics {
     this.certInvalid = new Counter({
       name: `${PREFIX}cert_invalid_total`,
       help: 'Certificate pairs seen but not used, by reason.',
+      labelNames: ['cert', 'reason'],
+      registers: r,
+    });
+    this.certActions = new Gauge({
+      name: `${PREFIX}cert_actions`,
+      help: 'on_change actions waiting, by state: "pending" (queued or running), "deferred" (to restart_window), "failed" (out of retries).',
+      labelNames: ['cert', 'state'],
+      registers: r,
+    });
+    this.certwatchSkipped = new Counter({
+      name: `${PREFIX}certwatch_skipped_total`,
+      help: 'Namespaces a for_each certwatch entry (cert: its name as written) made no entry for, by reason.',
       labelNames: ['cert', 'reason'],
       registers: r,
     });

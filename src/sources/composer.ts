@@ -69,6 +69,9 @@ export class Composer {
   #mergeAgain = false;
   /** Whether a backend address is the router's own (set once the router knows where it listens). */
   #isSelf: (addr: string) => boolean = () => false;
+  /** The namespaces the live table's routes carry, as last published. */
+  #namespaces: ReadonlySet<string> = new Set();
+  #namespaceListeners: Array<(namespaces: ReadonlySet<string>) => void> = [];
 
   constructor(opts: ComposerOptions) {
     this.#router = opts.router;
@@ -169,6 +172,19 @@ export class Composer {
   /** How many times the sources were merged into a new table (built, then swapped or not). */
   get merges(): number {
     return this.#merges;
+  }
+
+  /** The namespaces the live table's routes carry (config routes and every source's). */
+  namespaces(): ReadonlySet<string> {
+    return this.#namespaces;
+  }
+
+  /**
+   * Calls `listener` after a merge whenever the set of namespaces changes (a namespace enabled,
+   * disabled, or its source gone): the cert watcher makes and withdraws per-namespace entries by it.
+   */
+  onNamespaces(listener: (namespaces: ReadonlySet<string>) => void): void {
+    this.#namespaceListeners.push(listener);
   }
 
   statuses(): SourceStatus[] {
@@ -356,6 +372,7 @@ export class Composer {
   }
 
   #publishGauges(table: RouteTable): void {
+    this.#publishNamespaces(table);
     this.#gaugesStale = false;
     this.#metrics.routeTableGeneration.set(this.#router.generation);
     this.#metrics.routes.reset();
@@ -363,6 +380,21 @@ export class Composer {
     for (const t of this.#sources) perSource.set(t.source.name, 0);
     for (const r of table.routes) perSource.set(r.source, (perSource.get(r.source) ?? 0) + 1);
     for (const [source, n] of perSource) this.#metrics.routes.set({ source }, n);
+  }
+
+  /** The live table's namespaces (a route that lost a conflict is not in it), to the listeners when they changed. */
+  #publishNamespaces(table: RouteTable): void {
+    const next = new Set<string>();
+    for (const r of table.routes) if (r.namespace !== null) next.add(r.namespace);
+    if (next.size === this.#namespaces.size && [...next].every((n) => this.#namespaces.has(n))) return;
+    this.#namespaces = next;
+    for (const listener of this.#namespaceListeners) {
+      try {
+        listener(next);
+      } catch (err) {
+        this.#logger.error({ err: (err as Error).message }, 'a namespace listener failed');
+      }
+    }
   }
 
   #reportConflicts(table: RouteTable): void {

@@ -133,6 +133,8 @@ export interface CoturnOptions {
   readonly realm?: string;
   /** Where the pid file and the user database go; a temp dir of its own when absent. */
   readonly dir?: string;
+  /** The pid file [<dir>/turnserver.pid]. */
+  readonly pidFile?: string;
   readonly startMs?: number;
 }
 
@@ -144,7 +146,7 @@ export interface CoturnOptions {
 export async function startCoturn(opts: CoturnOptions): Promise<Coturn> {
   const own = opts.dir === undefined ? tempDir('sni-router-coturn-') : null;
   const dir = opts.dir ?? own!.dir;
-  const pidFile = join(dir, 'turnserver.pid');
+  const pidFile = opts.pidFile ?? join(dir, 'turnserver.pid');
   let lastError = '';
   // A free port can be taken between the probe and coturn's bind: try a few.
   for (let attempt = 0; attempt < 3; attempt++) {
