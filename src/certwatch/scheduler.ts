@@ -10,6 +10,7 @@
 import type { CertAction, RestartWindow } from '../config/types.ts';
 import type { Logger } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
+import { settlesWithin } from '../serial.ts';
 import { type ActionDone, describeAction, runAction } from './action.ts';
 import type { DeployedPaths } from './deploy.ts';
 import { type LastRun, type Queued, pickNext, retryDelay, whenToAct } from './policy.ts';
@@ -171,15 +172,7 @@ export class ActionScheduler {
     this.#timer = null;
     const running = this.#running;
     if (running === null) return;
-    let timer: NodeJS.Timeout | undefined;
-    const finished = await Promise.race([
-      running.then(() => true),
-      new Promise<false>((done) => {
-        timer = setTimeout(() => done(false), this.#t.stopWaitMs);
-      }),
-    ]);
-    clearTimeout(timer);
-    if (!finished) {
+    if (!await settlesWithin(running, this.#t.stopWaitMs)) {
       const stuck = [...this.#slots.values()].find((s) => s.state === 'running');
       (stuck?.job.log ?? this.#log).warn({ waited_ms: this.#t.stopWaitMs }, 'certwatch stopped while a scan or deployment was still under way');
     }

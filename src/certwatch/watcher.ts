@@ -17,6 +17,7 @@ import { dirname, relative, resolve, sep } from 'node:path';
 import type { CertwatchConfig } from '../config/types.ts';
 import type { Logger } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
+import { Serial, settlesWithin } from '../serial.ts';
 import { Entry, type EntryTuning, type EntryView, type Trigger } from './entry.ts';
 import { type Candidate, certificatesDir, findCandidates, storageKeysFor } from './find.ts';
 import { type StorageScan, candidatesFor, scanStorage } from './scan.ts';
@@ -126,8 +127,12 @@ export class CertWatcher<S> {
   #lookTimer: NodeJS.Timeout | null = null;
   #lookAt = 0;
   #periodic: NodeJS.Timeout | null = null;
-  #running: Promise<void> | null = null;
-  #queued = new Set<Trigger>();
+  /** One step at a time; triggers that arrive meanwhile are gathered for one more step after it. */
+  readonly #steps = new Serial<ReadonlySet<Trigger>>(
+    (triggers) => this.#step(triggers),
+    (a, b) => new Set([...a, ...b]),
+    (err) => this.#log.error({ err: (err as Error).message }, 'certwatch scan failed'),
+  );
   #started = false;
   #stopped = false;
 
@@ -177,17 +182,9 @@ export class CertWatcher<S> {
     await this.#watch.close();
     // A step under way may finish, for a while: shutdown must not wait on a filesystem call that
     // never returns. A copy cut short is acted on again at the next start (its record says "pending").
-    const running = this.#running;
-    if (running === null) return;
-    let timer: NodeJS.Timeout | undefined;
-    const finished = await Promise.race([
-      running.then(() => true),
-      new Promise<false>((done) => {
-        timer = setTimeout(() => done(false), this.#t.stopWaitMs);
-      }),
-    ]);
-    clearTimeout(timer);
-    if (!finished) this.#log.warn({ waited_ms: this.#t.stopWaitMs }, 'certwatch stopped while a scan or deployment was still under way');
+    const busy = this.#steps.busy;
+    const finished = await settlesWithin(this.#steps.stop(), this.#t.stopWaitMs);
+    if (busy && !finished) this.#log.warn({ waited_ms: this.#t.stopWaitMs }, 'certwatch stopped while a scan or deployment was still under way');
   }
 
   #onFileEvent(path: string): void {
@@ -202,19 +199,7 @@ export class CertWatcher<S> {
 
   #kick(trigger: Trigger): void {
     if (this.#stopped) return;
-    this.#queued.add(trigger);
-    if (this.#running === null) this.#runQueued();
-  }
-
-  #runQueued(): void {
-    const triggers = this.#queued;
-    this.#queued = new Set();
-    this.#running = this.#step(triggers)
-      .catch((err: unknown) => this.#log.error({ err: (err as Error).message }, 'certwatch scan failed'))
-      .finally(() => {
-        this.#running = null;
-        if (this.#queued.size > 0 && !this.#stopped) this.#runQueued();
-      });
+    void this.#steps.request(new Set([trigger]));
   }
 
   /** Entries that came (loaded: what copy_to holds) and went (withdrawn: nothing on disk is touched). */

@@ -16,6 +16,7 @@ import type { FileSourceConfig } from '../config/types.ts';
 import { parseRoutesFile } from '../config/load.ts';
 import type { Logger } from '../log.ts';
 import type { RouteSpec } from '../model/route.ts';
+import { Serial } from '../serial.ts';
 import type { RouteSource, SourceSink } from './source.ts';
 
 /** Quiet time after the last event before reading: a truncate and its write, a swap's renames. */
@@ -53,9 +54,12 @@ export class FileSource implements RouteSource {
   #quietTimer: NodeJS.Timeout | null = null;
   #burstStartedAt = 0;
   #safetyTimer: NodeJS.Timeout | null = null;
-  #refreshing: Promise<void> | null = null;
-  #again = false;
-  #againForced = false;
+  /** One refresh at a time; `true`: report even an unchanged file (start, SIGHUP). */
+  readonly #refreshes = new Serial<boolean>(
+    (force) => this.#refresh(force).catch((err: Error) => this.#sink?.failure(err)),
+    (a, b) => a || b,
+    (err) => this.#logger.error({ err: (err as Error).message }, 'file source refresh failed'),
+  );
   /** The content hash last handled, or "unreadable:<code>", so an unchanged state is not reported twice. */
   #lastState: string | null = null;
   #stopped = false;
@@ -68,13 +72,13 @@ export class FileSource implements RouteSource {
 
   async start(sink: SourceSink): Promise<void> {
     this.#sink = sink;
-    await this.#request(true);
+    await this.#refreshes.request(true);
     if (this.#stopped) return;
-    this.#safetyTimer = setInterval(() => void this.#request(false), SAFETY_REREAD_MS);
+    this.#safetyTimer = setInterval(() => void this.#refreshes.request(false), SAFETY_REREAD_MS);
   }
 
   resync(): void {
-    void this.#request(true);
+    void this.#refreshes.request(true);
   }
 
   async stop(): Promise<void> {
@@ -83,7 +87,7 @@ export class FileSource implements RouteSource {
     if (this.#safetyTimer !== null) clearInterval(this.#safetyTimer);
     this.#quietTimer = null;
     this.#safetyTimer = null;
-    await this.#refreshing?.catch(() => {});
+    await this.#refreshes.stop();
     await Promise.all([...this.#watchers.values()].map((w) => w.close().catch(() => {})));
     this.#watchers.clear();
   }
@@ -97,31 +101,10 @@ export class FileSource implements RouteSource {
     const wait = Math.max(0, Math.min(QUIET_MS, this.#burstStartedAt + MAX_HOLD_MS - now));
     this.#quietTimer = setTimeout(() => {
       this.#quietTimer = null;
-      void this.#request(false);
+      void this.#refreshes.request(false);
     }, wait);
   }
 
-  /** Runs one refresh at a time; a request that arrives meanwhile runs once after it. */
-  #request(force: boolean): Promise<void> {
-    if (this.#stopped) return Promise.resolve();
-    if (this.#refreshing !== null) {
-      this.#again = true;
-      this.#againForced ||= force;
-      return this.#refreshing;
-    }
-    this.#refreshing = this.#refresh(force)
-      .catch((err: Error) => this.#sink?.failure(err))
-      .finally(() => {
-        this.#refreshing = null;
-        if (this.#again && !this.#stopped) {
-          const forced = this.#againForced;
-          this.#again = false;
-          this.#againForced = false;
-          void this.#request(forced);
-        }
-      });
-    return this.#refreshing;
-  }
 
   async #refresh(force: boolean): Promise<void> {
     // Watch first, read second: a change that lands between the two is still an event.

@@ -17,6 +17,7 @@
 import pg from 'pg';
 import type { PostgresSourceConfig } from '../config/types.ts';
 import { type Logger, redactUrl } from '../log.ts';
+import { Serial } from '../serial.ts';
 import { backoffMs } from './backoff.ts';
 import { RouteCache } from './postgres-cache.ts';
 import {
@@ -55,8 +56,12 @@ export class PostgresSource implements RouteSource {
   #stopped = false;
 
   #reader: pg.Client | null = null;
-  #reading: Promise<void> | null = null;
-  #readAgain = false;
+  /** One read at a time, once more after when asked meanwhile; the next poll is set when they are done. */
+  readonly #reads = new Serial<void>(
+    () => this.#read(),
+    () => undefined,
+    (err) => this.#readFailed(err as Error),
+  );
   #readFailures = 0;
   #pollTimer: NodeJS.Timeout | null = null;
 
@@ -88,6 +93,7 @@ export class PostgresSource implements RouteSource {
     this.#logger = logger.child({ source: config.name });
     this.#cache = config.cacheFile === null ? null : new RouteCache(config.cacheFile, config.name, this.#logger);
     this.#names = compileNames(config.names);
+    this.#reads.onIdle = () => this.#schedulePoll();
   }
 
   async start(sink: SourceSink): Promise<void> {
@@ -132,7 +138,7 @@ export class PostgresSource implements RouteSource {
     this.#reader = null;
     this.#listener = null;
     await Promise.all([reader, listener].map((c) => (c === null ? undefined : endQuietly(c))));
-    await this.#reading?.catch(() => {});
+    await this.#reads.stop();
   }
 
   // --- reading -----------------------------------------------------------------------------
@@ -140,32 +146,23 @@ export class PostgresSource implements RouteSource {
   /** Reads now, or once more after the read in flight (whatever number of requests arrive meanwhile). */
   #requestRead(): Promise<void> {
     if (this.#stopped) return Promise.resolve();
-    if (this.#reading !== null) {
-      this.#readAgain = true;
-      return this.#reading;
-    }
     if (this.#pollTimer !== null) {
       clearTimeout(this.#pollTimer);
       this.#pollTimer = null;
     }
-    this.#reading = this.#read().finally(() => {
-      this.#reading = null;
-      if (this.#stopped) return;
-      if (this.#readAgain) {
-        this.#readAgain = false;
-        void this.#requestRead();
-        return;
-      }
-      // After a failure, retry sooner than the poll (with backoff); never later than the poll.
-      const delay = this.#readFailures === 0
-        ? this.#config.intervalMs
-        : Math.min(this.#config.intervalMs, backoffMs(this.#readFailures, RETRY_MIN_MS, RETRY_MAX_MS));
-      this.#pollTimer = setTimeout(() => {
-        this.#pollTimer = null;
-        void this.#requestRead();
-      }, delay);
-    });
-    return this.#reading;
+    return this.#reads.request();
+  }
+
+  /** After the reads: the next poll, sooner after a failure (with backoff), never later than the interval. */
+  #schedulePoll(): void {
+    if (this.#stopped) return;
+    const delay = this.#readFailures === 0
+      ? this.#config.intervalMs
+      : Math.min(this.#config.intervalMs, backoffMs(this.#readFailures, RETRY_MIN_MS, RETRY_MAX_MS));
+    this.#pollTimer = setTimeout(() => {
+      this.#pollTimer = null;
+      void this.#requestRead();
+    }, delay);
   }
 
   async #read(): Promise<void> {

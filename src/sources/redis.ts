@@ -16,6 +16,7 @@ import type { RedisSourceConfig } from '../config/types.ts';
 import { type Logger, redactUrl } from '../log.ts';
 import { backoffMs } from './backoff.ts';
 import { type RouteSpec, clip, quote } from '../model/route.ts';
+import { Serial } from '../serial.ts';
 import { forEachSliced } from './slices.ts';
 import type { InvalidEntry, RouteSource, Snapshot, SourceSink } from './source.ts';
 
@@ -43,8 +44,12 @@ export class RedisSource implements RouteSource {
   #client: Redis | null = null;
   /** Holds the subscription (a subscribed connection can run nothing else). */
   #subscriber: Redis | null = null;
-  #reading: Promise<void> | null = null;
-  #readAgain = false;
+  /** One read of the hash at a time, and once more after when asked meanwhile. */
+  readonly #reads = new Serial<void>(
+    () => this.#read(),
+    () => undefined,
+    (err) => this.#report(err as Error),
+  );
   #resyncTimer: NodeJS.Timeout | null = null;
   #subscriberDown = false;
   /** The reading connection is down: its 'close' and 'error' events after the first say nothing new. */
@@ -152,23 +157,11 @@ export class RedisSource implements RouteSource {
     this.#client = null;
     this.#subscriber = null;
     await Promise.all(clients.map(closeQuietly));
-    await this.#reading?.catch(() => {});
+    await this.#reads.stop();
   }
 
   #requestRead(): Promise<void> {
-    if (this.#stopped) return Promise.resolve();
-    if (this.#reading !== null) {
-      this.#readAgain = true;
-      return this.#reading;
-    }
-    this.#reading = this.#read().finally(() => {
-      this.#reading = null;
-      if (this.#readAgain && !this.#stopped) {
-        this.#readAgain = false;
-        void this.#requestRead();
-      }
-    });
-    return this.#reading;
+    return this.#reads.request();
   }
 
   async #read(): Promise<void> {
