@@ -10,7 +10,7 @@ import net from 'node:net';
 import { cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { join, relative } from 'node:path';
 import {
-  type FigureId, FIGURES, FULL_DURATIONS, type Hello, LOAD_FIGURES, type Measurement, QUICK_DURATIONS, type RunContext, casesFor, measure,
+  type FigureId, FIGURES, FULL_DURATIONS, type Hello, type Measurement, QUICK_DURATIONS, type RunContext, casesFor, measure,
 } from './lib/figures.ts';
 import { DEFAULT_TARGETS, LOAD_CPU, PROXY_CPU, TARGETS, type Target, unavailable, versions } from './lib/peers.ts';
 import { Proc, installCleanup, killAll } from './lib/proc.ts';

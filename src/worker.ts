@@ -11,7 +11,6 @@ import type { AddressInfo } from 'node:net';
 import pino from 'pino';
 import { type PrimaryMessage, type TableChange, type WorkerMessage, type WorkerSettings, isPrimaryMessage } from './cluster/protocol.ts';
 import { TableReplica } from './cluster/table-sync.ts';
-import type { ListenAddress } from './config/types.ts';
 import { createLogger, type Logger } from './log.ts';
 import { Metrics } from './metrics/metrics.ts';
 import { RouterServer } from './router/server.ts';

@@ -19,7 +19,6 @@ import { routerSuitePassesWith } from './support/suite.ts';
 
 const ROOT = join(import.meta.dirname, '..');
 const BIN = join(ROOT, 'bin', 'sni-router');
-const NODE = join(ROOT, 'node_modules', '.bin', 'node');
 
 let dir: string;
 let cleanupDir: () => void;

@@ -23,14 +23,18 @@ import { isWorkerMessage } from './protocol.ts';
 import { TablePublisher } from './table-sync.ts';
 
 const WORKER_FILE = fileURLToPath(new URL('../worker.ts', import.meta.url));
-const HEARTBEAT_MS = 500;
-/** A listening worker silent this long is stuck (a busy loop): it is killed and restarted. */
-const HEARTBEAT_TIMEOUT_MS = 15_000;
-const REQUEST_TIMEOUT_MS = 2000;
-/** A worker that ran this long before it died is restarted at once; sooner, with a growing delay. */
-const STABLE_MS = 10_000;
-const FIRST_BACKOFF_MS = 250;
-const MAX_BACKOFF_MS = 30_000;
+/** How the primary watches its workers. */
+const WATCH = {
+  heartbeatMs: 500,
+  /** A listening worker silent this long is stuck (a busy loop): it is killed and restarted. */
+  heartbeatTimeoutMs: 15_000,
+  requestTimeoutMs: 2000,
+  /** A worker that ran this long before it died is restarted at once; sooner, with a growing delay ... */
+  stableMs: 10_000,
+  /** ... from this, doubling, up to this. */
+  firstBackoffMs: 250,
+  maxBackoffMs: 30_000,
+} as const;
 /** Where pino keeps a logger's destination (pino.symbols is its public list of them). */
 const streamSym = pino.symbols.streamSym;
 
@@ -48,7 +52,7 @@ export interface WorkerPoolOptions {
 
 export type WorkerState = 'starting' | 'listening' | 'restarting' | 'stopped';
 
-/** What the primary knows of a worker from its heartbeats (at most HEARTBEAT_MS old). */
+/** What the primary knows of a worker from its heartbeats (at most WATCH.heartbeatMs old). */
 export interface WorkerStatus {
   readonly slot: number;
   readonly pid: number | null;
@@ -71,7 +75,7 @@ interface Slot {
   generation: number;
   lastHeartbeat: number;
   restarts: number;
-  /** Exits in a row that came sooner than STABLE_MS after the start. */
+  /** Exits in a row that came sooner than WATCH.stableMs after the start. */
   fastExits: number;
   restartTimer: NodeJS.Timeout | null;
   lastMetrics: MetricJson[] | null;
@@ -86,7 +90,6 @@ interface Pending {
 }
 
 export class WorkerPool {
-  readonly #router: Router;
   readonly #metrics: Metrics;
   readonly #logger: Logger;
   readonly #relayLogs: boolean;
@@ -103,7 +106,6 @@ export class WorkerPool {
   #watchdog: NodeJS.Timeout | null = null;
 
   constructor(opts: WorkerPoolOptions) {
-    this.#router = opts.router;
     this.#metrics = opts.metrics;
     this.#logger = opts.logger;
     this.#relayLogs = opts.relayLogs;
@@ -155,7 +157,7 @@ export class WorkerPool {
     this.#listen = this.#listen.map((a, i) => (a.port !== 0 ? a : { ...a, port: bound[i].port, text: `${a.text} (port ${bound[i].port})` }));
     await Promise.all(this.#slots.slice(1).map((s) => this.#spawn(s)));
     this.#started = true;
-    this.#watchdog = setInterval(() => this.#checkHeartbeats(), HEARTBEAT_MS);
+    this.#watchdog = setInterval(() => this.#checkHeartbeats(), WATCH.heartbeatMs);
     this.#watchdog.unref();
     return bound;
   }
@@ -311,7 +313,7 @@ export class WorkerPool {
         this.#send(slot, {
           t: 'init', slot: slot.index, listen: this.#listen, settings: this.#settings, table: this.#publisher.full(),
           cooldowns: [...this.#cooldowns].map(([addr, c]) => ({ addr, until: c.until, error: c.error })),
-          relayLogs: this.#relayLogs, heartbeatMs: HEARTBEAT_MS, primaryMetrics: PRIMARY_METRICS,
+          relayLogs: this.#relayLogs, heartbeatMs: WATCH.heartbeatMs, primaryMetrics: PRIMARY_METRICS,
         });
         slot.initSent = true;
         return;
@@ -359,8 +361,8 @@ export class WorkerPool {
     }
     const lost = slot.active;
     const ranMs = Date.now() - slot.startedAt;
-    slot.fastExits = ranMs < STABLE_MS ? slot.fastExits + 1 : 0;
-    const delay = slot.fastExits === 0 ? 0 : Math.min(MAX_BACKOFF_MS, FIRST_BACKOFF_MS * 2 ** (slot.fastExits - 1));
+    slot.fastExits = ranMs < WATCH.stableMs ? slot.fastExits + 1 : 0;
+    const delay = slot.fastExits === 0 ? 0 : Math.min(WATCH.maxBackoffMs, WATCH.firstBackoffMs * 2 ** (slot.fastExits - 1));
     this.#metrics.workerConnectionsLost.inc(lost);
     slot.active = 0;
     slot.tracked = 0;
@@ -389,7 +391,7 @@ export class WorkerPool {
   #checkHeartbeats(): void {
     const now = Date.now();
     for (const s of this.#slots) {
-      if (s.worker !== null && s.state === 'listening' && now - s.lastHeartbeat > HEARTBEAT_TIMEOUT_MS) {
+      if (s.worker !== null && s.state === 'listening' && now - s.lastHeartbeat > WATCH.heartbeatTimeoutMs) {
         this.#logger.error({ worker: s.index, worker_pid: s.pid, silent_ms: now - s.lastHeartbeat }, 'worker stopped answering; killing it');
         s.lastHeartbeat = now;
         s.worker.process.kill('SIGKILL');
@@ -405,7 +407,7 @@ export class WorkerPool {
         this.#pending.delete(id);
         this.#logger.warn({ worker: slot.index, request: kind }, 'worker did not answer in time');
         resolve(null);
-      }, REQUEST_TIMEOUT_MS);
+      }, WATCH.requestTimeoutMs);
       this.#pending.set(id, {
         slot,
         resolve: (body) => {

@@ -2,7 +2,7 @@
 // names and labels live in one place. Label values are bounded: `route` is a configured pattern or
 // "fallback", `backend` a configured name, `reason`/`result`/`scope` come from fixed lists; a
 // client's SNI never becomes a label.
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import { buildInfo } from '../version.ts';
 import { CellCounter, CellGauge, CellHistogram, type CounterCell, type GaugeCell, type HistogramCell } from './cells.ts';
 

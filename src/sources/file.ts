@@ -83,10 +83,9 @@ export class FileSource implements RouteSource {
 
   async stop(): Promise<void> {
     this.#stopped = true;
-    if (this.#quietTimer !== null) clearTimeout(this.#quietTimer);
-    if (this.#safetyTimer !== null) clearInterval(this.#safetyTimer);
-    this.#quietTimer = null;
-    this.#safetyTimer = null;
+    // clearTimeout clears an interval as well (one Timeout class).
+    for (const t of [this.#quietTimer, this.#safetyTimer]) if (t !== null) clearTimeout(t);
+    this.#quietTimer = this.#safetyTimer = null;
     await this.#refreshes.stop();
     await Promise.all([...this.#watchers.values()].map((w) => w.close().catch(() => {})));
     this.#watchers.clear();

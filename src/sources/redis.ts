@@ -20,18 +20,21 @@ import { Serial } from '../serial.ts';
 import { forEachSliced } from './slices.ts';
 import type { InvalidEntry, RouteSource, Snapshot, SourceSink } from './source.ts';
 
-const RETRY_MIN_MS = 100;
-/** Backoff cap: Redis coming back is noticed within this. */
-const RETRY_MAX_MS = 5000;
-const CONNECT_TIMEOUT_MS = 5000;
-const COMMAND_TIMEOUT_MS = 5000;
-/** How long start() waits for the first read, so the router starts with the routes when it can. */
-const START_WAIT_MS = 3000;
-/** How long a lost subscription may be down (with the reading connection up) before a warning. */
-const SUBSCRIPTION_GRACE_MS = 2000;
+/** How the connections behave (ioredis options and this source's own waits). */
+const TIMING = {
+  /** Reconnect backoff from this ... */
+  retryMinMs: 100,
+  /** ... capped here: Redis coming back is noticed within this. */
+  retryMaxMs: 5000,
+  connectTimeoutMs: 5000,
+  commandTimeoutMs: 5000,
+  /** How long start() waits for the first read, so the router starts with the routes when it can. */
+  startWaitMs: 3000,
+  /** How long a lost subscription may be down (with the reading connection up) before a warning. */
+  subscriptionGraceMs: 2000,
+} as const;
 /** A field longer than any pattern, or a value longer than any route, is refused unread. */
-const MAX_FIELD_BYTES = 512;
-const MAX_VALUE_BYTES = 64 * 1024;
+const MAX_ENTRY = { fieldBytes: 512, valueBytes: 64 * 1024 } as const;
 
 export class RedisSource implements RouteSource {
   readonly type = 'redis' as const;
@@ -81,9 +84,9 @@ export class RedisSource implements RouteSource {
       // queue that grows with every poll.
       enableOfflineQueue: false,
       maxRetriesPerRequest: 1,
-      connectTimeout: CONNECT_TIMEOUT_MS,
-      commandTimeout: COMMAND_TIMEOUT_MS,
-      retryStrategy: (times) => backoffMs(times, RETRY_MIN_MS, RETRY_MAX_MS),
+      connectTimeout: TIMING.connectTimeoutMs,
+      commandTimeout: TIMING.commandTimeoutMs,
+      retryStrategy: (times) => backoffMs(times, TIMING.retryMinMs, TIMING.retryMaxMs),
       // The subscription is renewed by hand on 'ready', then the hash is read: in that order, a
       // change cannot fall between the read and the subscription.
       autoResubscribe: false,
@@ -136,7 +139,7 @@ export class RedisSource implements RouteSource {
     this.#resyncTimer = setInterval(() => void this.#requestRead(), this.#config.resyncIntervalMs);
     let timer: NodeJS.Timeout | undefined;
     await Promise.race([first, new Promise<void>((done) => {
-      timer = setTimeout(done, START_WAIT_MS);
+      timer = setTimeout(done, TIMING.startWaitMs);
     })]);
     clearTimeout(timer);
   }
@@ -209,7 +212,7 @@ export class RedisSource implements RouteSource {
       if (this.#stopped || !this.#subscriberDown || this.#clientDown) return;
       this.#logger.warn({ channel: this.#config.channel, err: clip(err.message, 300) },
         'redis subscription lost; changes are seen at each resync until it is back');
-    }, SUBSCRIPTION_GRACE_MS).unref();
+    }, TIMING.subscriptionGraceMs).unref();
   }
 
   #settleFirst(): void {
@@ -285,8 +288,8 @@ export async function snapshotFromHash(hash: Readonly<Record<string, string>>, s
 
 /** One hash entry as a route, or an error saying why not. */
 export function routeFromEntry(field: string, text: string, source: string): RouteSpec {
-  if (Buffer.byteLength(field) > MAX_FIELD_BYTES) throw new Error(`field is longer than ${MAX_FIELD_BYTES} bytes`);
-  if (text.length > MAX_VALUE_BYTES) throw new Error(`value is longer than ${MAX_VALUE_BYTES} bytes`);
+  if (Buffer.byteLength(field) > MAX_ENTRY.fieldBytes) throw new Error(`field is longer than ${MAX_ENTRY.fieldBytes} bytes`);
+  if (text.length > MAX_ENTRY.valueBytes) throw new Error(`value is longer than ${MAX_ENTRY.valueBytes} bytes`);
   let value: unknown;
   try {
     value = JSON.parse(text);

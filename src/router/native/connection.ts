@@ -4,13 +4,11 @@
 // handles, this object and its two directions; the ClientHello reader, the buffered hello and
 // the dial are dropped as soon as they have served.
 import { performance } from 'node:perf_hooks';
-import type { ConnectionResult } from '../../metrics/metrics.ts';
-import type { BackendSpec } from '../../model/route.ts';
-import { type Finished, account } from '../accounting.ts';
 import { ClientHelloReader, type HelloVerdict } from '../clienthello.ts';
 import type { ClientPeer, ConnectionHost, RelayConnection } from '../connection-host.ts';
-import { type Decision, FALLBACK_ROUTE, afterDialFailure, decide } from '../decision.ts';
+import { afterDialFailure } from '../decision.ts';
 import { proxyHeader, unmapIPv4 } from '../proxyprotocol.ts';
+import { type DialDecision, Phase, RelayState } from '../relay-state.ts';
 import { Dial, type DialOwner } from './dial.ts';
 import { OPTIONS_INHERITED, type TcpHandle, errorName, localOf, peerOf } from './handles.ts';
 import {
@@ -23,8 +21,6 @@ const DIAL_BUFFER_LIMIT = 64 * 1024;
 /** What #chunks becomes once the buffered bytes are sent or dropped: one shared empty list. */
 const NO_CHUNKS: Buffer[] = Object.freeze([]) as unknown as Buffer[];
 
-const Phase = { Hello: 0, Dialing: 1, Relaying: 2, Done: 3 } as const;
-type Phase = (typeof Phase)[keyof typeof Phase];
 
 /** The client's address (an IPv4 client on a dual-stack socket as IPv4) and port. */
 export function clientPeer(handle: TcpHandle): ClientPeer {
@@ -32,8 +28,7 @@ export function clientPeer(handle: TcpHandle): ClientPeer {
   return { ip: unmapIPv4(p.address ?? ''), port: p.port ?? null };
 }
 
-export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, Finished {
-  readonly #host: ConnectionHost;
+export class NativeConnection extends RelayState implements RelayConnection, PumpOwner, DialOwner {
   readonly #client: PumpHandle;
   /**
    * The client's address, looked up at accept when the per-IP limit or the access log needs it
@@ -41,21 +36,10 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
    */
   readonly #peer: ClientPeer | null;
   readonly #counted: boolean;
-  readonly acceptedAt = performance.now();
-  #phase: Phase = Phase.Hello;
   #reader: ClientHelloReader | null;
   #chunks: Buffer[] = [];
   #helloTimer: NodeJS.Timeout | null;
-  /** Where the connection is being dialled to, while it is. */
-  #decision: (Decision & { kind: 'dial' }) | null = null;
   #dial: Dial | null = null;
-  /** The backend relayed to, once connected. */
-  #backend: BackendSpec | null = null;
-  addrIndex = 0;
-  #route = FALLBACK_ROUTE;
-  #result: ConnectionResult = 'ok';
-  #sni: string | null = null;
-  #alpn: readonly string[] | null = null;
   /** Client → backend; from the start, since the client is read from the start. */
   readonly #up: Direction;
   /** Backend → client, once connected. */
@@ -66,11 +50,10 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
   #idleTicks = 0;
   /** The client's connection failed (reset) before relaying began. */
   #clientGone = false;
-  slot = -1;
 
   /** Takes an accepted connection's libuv handle and starts reading the ClientHello. */
   constructor(host: ConnectionHost, client: TcpHandle, peer: ClientPeer | null, counted: boolean) {
-    this.#host = host;
+    super(host);
     this.#peer = peer;
     this.#counted = counted;
     const settings = host.settings;
@@ -95,33 +78,14 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
     }
   }
 
-  get finished(): boolean {
-    return this.#phase === Phase.Done;
-  }
-
   get countedIp(): string | null {
     return this.#counted ? this.#peer!.ip : null;
   }
 
-  // ---- Finished: what accounting reads ----
-  get route(): string {
-    return this.#route;
-  }
-  get result(): ConnectionResult {
-    return this.#result;
-  }
-  get sni(): string | null {
-    return this.#sni;
-  }
-  get alpn(): readonly string[] | null {
-    return this.#alpn;
-  }
-  get backend(): BackendSpec | null {
-    return this.#backend ?? this.#decision?.backend ?? null;
-  }
   get bytesUp(): number {
     return this.#up.bytes;
   }
+
   get bytesDown(): number {
     return this.#down?.bytes ?? 0;
   }
@@ -129,12 +93,12 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
   // ---- PumpOwner: reads, and the ends of reading and writing ----
 
   read(dir: Direction, n: number): Buffer | undefined {
-    if (this.#phase === Phase.Relaying) {
+    if (this.phase === Phase.Relaying) {
       this.#idleTicks = 0;
       return dir.relay(n);
     }
-    if (this.#phase === Phase.Hello) this.#helloRead(n);
-    else if (this.#phase === Phase.Dialing) this.#dialRead(n);
+    if (this.phase === Phase.Hello) this.#helloRead(n);
+    else if (this.phase === Phase.Dialing) this.#dialRead(n);
     return undefined;
   }
 
@@ -148,15 +112,15 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
     }
     if (isEof(code)) {
       dir.eof = true;
-      if (this.#phase === Phase.Hello) {
+      if (this.phase === Phase.Hello) {
         this.#routeBy({ kind: 'failure', reason: 'closed', detail: 'client closed before the ClientHello was complete' });
-      } else if (this.#phase === Phase.Relaying) {
+      } else if (this.phase === Phase.Relaying) {
         dir.end();
       }
       // While dialling: the FIN is forwarded once the relay starts.
       return;
     }
-    if (this.#phase === Phase.Hello) {
+    if (this.phase === Phase.Hello) {
       dir.eof = true;
       this.#clientGone = true;
       this.#routeBy({ kind: 'failure', reason: 'closed', detail: 'client connection reset' });
@@ -167,15 +131,15 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
 
   /** A read, write or shutdown failed: the relay is over, both sides are closed. */
   failed(code: number): void {
-    if (this.#result === 'ok') this.#result = isReset(code) ? 'reset' : 'error';
-    this.#finish();
+    this.endWith(isReset(code) ? 'reset' : 'error');
+    this.finish();
   }
 
   /** Once both sides have sent their FIN and nothing is left to write, the connection closes. */
   settled(): void {
     const up = this.#up;
     const down = this.#down;
-    if (down !== null && up.eof && down.eof && up.pending === 0 && down.pending === 0) this.#finish();
+    if (down !== null && up.eof && down.eof && up.pending === 0 && down.pending === 0) this.finish();
   }
 
   // ---- the hello ----
@@ -202,47 +166,34 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
 
   static #onHelloTimeout(c: NativeConnection): void {
     c.#helloTimer = null;
-    if (c.#phase === Phase.Hello) c.#routeBy({ kind: 'failure', reason: 'timeout', detail: 'no complete ClientHello in time' });
+    if (c.phase === Phase.Hello) c.#routeBy({ kind: 'failure', reason: 'timeout', detail: 'no complete ClientHello in time' });
+  }
+
+  #stopHelloTimer(): void {
+    if (this.#helloTimer === null) return;
+    clearTimeout(this.#helloTimer);
+    this.#helloTimer = null;
   }
 
   #routeBy(verdict: HelloVerdict): void {
-    const host = this.#host;
-    const m = host.metrics;
-    if (this.#helloTimer !== null) {
-      clearTimeout(this.#helloTimer);
-      this.#helloTimer = null;
-    }
+    this.#stopHelloTimer();
     this.#reader = null;
-    m.helloTook((performance.now() - this.acceptedAt) / 1000);
-    if (verdict.kind === 'hello') {
-      this.#sni = verdict.hello.sni;
-      this.#alpn = verdict.hello.alpn;
-      if (verdict.hello.helloBytes > 0) m.helloSize(verdict.hello.helloBytes);
-    } else {
-      m.clientHelloFailures.inc({ reason: verdict.reason });
-      if (host.logger.isLevelEnabled('debug')) {
-        host.logger.debug({ client: (this.#peer ?? clientPeer(this.#client)).ip, reason: verdict.reason, detail: verdict.detail, bytes: this.#up.bytes },
-          'client hello peek failed');
-      }
-    }
     // Everything read so far is buffered: it is what a dialled backend gets first.
-    const d = decide(verdict, host.table(), host.settings, { buffered: this.#up.bytes, clientGone: this.#clientGone });
-    this.#route = d.route;
+    const d = this.judge(verdict, this.#up.bytes, this.#clientGone);
     if (d.kind === 'close') {
-      if (this.#result === 'ok') this.#result = d.result;
-      this.#finish();
+      this.finish();
       return;
     }
-    this.#phase = Phase.Dialing;
+    this.phase = Phase.Dialing;
     this.#dialTo(d);
   }
 
   // ---- the dial ----
 
-  #dialTo(d: Decision & { kind: 'dial' }): void {
-    this.#decision = d;
-    this.#route = d.route;
-    const dial = this.#dial = new Dial(this.#host, this, d.backend);
+  #dialTo(d: DialDecision): void {
+    this.decision = d;
+    this.route = d.route;
+    const dial = this.#dial = new Dial(this.host, this, d.backend);
     dial.next();
   }
 
@@ -251,12 +202,12 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
    * other it cannot route (decision.ts); the fallback's own failure, or `unroutable: close`, ends it.
    */
   exhausted(dial: Dial): void {
-    if (this.#phase !== Phase.Dialing || dial !== this.#dial) return;
+    if (this.phase !== Phase.Dialing || dial !== this.#dial) return;
     this.addrIndex = dial.addrIndex;
-    const next = afterDialFailure(this.#decision!, this.#host.table(), this.#host.settings);
+    const next = afterDialFailure(this.decision!, this.host.table(), this.host.settings);
     if (next === null) {
-      this.#result = 'dial_failed';
-      this.#finish();
+      this.endWith('dial_failed');
+      this.finish();
       return;
     }
     this.#dialTo(next);
@@ -265,13 +216,13 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
   /** Connected: first what the backend waits for (time to first byte), the bookkeeping after. */
   connected(dial: Dial, sock: PumpHandle): void {
     const connectedAt = performance.now();
-    const host = this.#host;
+    const host = this.host;
     const backend = dial.backend;
     this.#dial = null;
-    this.#decision = null;
-    this.#backend = backend;
+    this.decision = null;
+    this.relayedTo = backend;
     this.addrIndex = dial.addrIndex;
-    this.#phase = Phase.Relaying;
+    this.phase = Phase.Relaying;
     host.metrics.activeChanged(backend.name, 1);
 
     const up = this.#up;
@@ -311,11 +262,11 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
    * that a kept-alive connection that once moved a download holds none while it waits.
    */
   tick(idleLimit: number, bulkLimit: number): void {
-    if (this.#phase !== Phase.Relaying) return;
+    if (this.phase !== Phase.Relaying) return;
     const quiet = ++this.#idleTicks;
     if (idleLimit > 0 && quiet > idleLimit) {
-      if (this.#result === 'ok') this.#result = 'idle_timeout';
-      this.#finish();
+      this.endWith('idle_timeout');
+      this.finish();
       return;
     }
     if (quiet > bulkLimit) {
@@ -324,35 +275,14 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
     }
   }
 
-  /** Adds bytes relayed since the last flush to bytes_total (at scrape time and at close). */
-  flushBytes(): void {
-    const down = this.#down;
-    if (down === null) return;
-    const up = this.#up;
-    this.#host.metrics.bytesRelayed(this.#backend!.name, up.bytes - up.flushed, down.bytes - down.flushed);
-    up.flushed = up.bytes;
-    down.flushed = down.bytes;
+  protected override peerForLog(): ClientPeer {
+    return this.#peer ?? clientPeer(this.#client);
   }
 
-  abort(result: 'shutdown'): void {
-    this.#result = result;
-    this.#finish();
-  }
-
-  #finish(): void {
-    if (this.#phase === Phase.Done) return;
-    const host = this.#host;
-    const wasRelaying = this.#phase === Phase.Relaying;
-    this.#phase = Phase.Done;
-    if (this.#helloTimer !== null) {
-      clearTimeout(this.#helloTimer);
-      this.#helloTimer = null;
-    }
+  protected override closeAll(): void {
+    this.#stopHelloTimer();
     this.#dial?.cancel();
     this.#dial = null;
-    // Looked up now only if access logging began after the accept: the lookup fails once the
-    // client has hung up, and a closed handle knows nothing at all.
-    const peer = host.accessLog ? this.#peer ?? clientPeer(this.#client) : null;
     // Closing sends the FIN (or, with unread bytes, a reset); queued writes are dropped: a
     // connection finishes with writes queued only when it failed or timed out.
     this.#client.close();
@@ -361,9 +291,6 @@ export class NativeConnection implements RelayConnection, PumpOwner, DialOwner, 
     // Closed handles read no more: what no write holds can serve another connection.
     this.#up.release();
     this.#down?.release();
-    if (wasRelaying) host.metrics.activeChanged(this.#backend!.name, -1);
-    host.release(this);
-    this.flushBytes();
-    account(host, this, peer);
   }
+
 }

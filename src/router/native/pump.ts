@@ -124,8 +124,6 @@ export class Direction {
   /** Writes to `to` queued and not yet done. */
   pending = 0;
   bytes = 0;
-  /** Bytes already added to bytes_total. */
-  flushed = 0;
   /** The relay is over: completions of writes still queued change nothing. */
   closed = false;
 

@@ -6,19 +6,16 @@ import { lookup as dnsLookup, type LookupAddress, type LookupAllOptions, type Lo
 import net from 'node:net';
 import { performance } from 'node:perf_hooks';
 import type { ConnectionResult } from '../../metrics/metrics.ts';
-import type { BackendSpec } from '../../model/route.ts';
 import { isLoopback } from '../../model/self-address.ts';
-import { type Finished, account } from '../accounting.ts';
 import { ClientHelloReader, type HelloVerdict } from '../clienthello.ts';
 import type { ClientPeer, ConnectionHost, RelayConnection } from '../connection-host.ts';
-import { type Decision, FALLBACK_ROUTE, afterDialFailure, decide } from '../decision.ts';
+import { afterDialFailure } from '../decision.ts';
 import { proxyHeader, unmapIPv4 } from '../proxyprotocol.ts';
+import { Phase, RelayState } from '../relay-state.ts';
 
 /** Bytes kept from the client while its backend is dialled before reading stops. */
 const DIAL_BUFFER_LIMIT = 64 * 1024;
 
-const Phase = { Hello: 0, Dialing: 1, Relaying: 2, Done: 3 } as const;
-type Phase = (typeof Phase)[keyof typeof Phase];
 
 /** The client's address (an IPv4 client on a dual-stack socket as IPv4) and port. */
 export function socketPeer(s: net.Socket): ClientPeer {
@@ -29,38 +26,25 @@ function resultOf(err: NodeJS.ErrnoException): ConnectionResult {
   return err.code === 'ECONNRESET' || err.code === 'EPIPE' ? 'reset' : 'error';
 }
 
-export class PortableConnection implements RelayConnection, Finished {
-  readonly #host: ConnectionHost;
+export class PortableConnection extends RelayState implements RelayConnection {
   readonly #client: net.Socket;
   readonly #peer: ClientPeer | null;
   readonly #counted: boolean;
-  readonly acceptedAt = performance.now();
-  #phase: Phase = Phase.Hello;
   #reader: ClientHelloReader | null;
   #chunks: Buffer[] = [];
   #timer: NodeJS.Timeout | null;
-  #decision: (Decision & { kind: 'dial' }) | null = null;
-  #backend: BackendSpec | null = null;
   #sock: net.Socket | null = null;
   #dialStartedAt = 0;
-  addrIndex = 0;
-  #route = FALLBACK_ROUTE;
-  #result: ConnectionResult = 'ok';
-  #sni: string | null = null;
-  #alpn: readonly string[] | null = null;
-  bytesUp = 0;
-  bytesDown = 0;
-  #flushedUp = 0;
-  #flushedDown = 0;
+  #bytesUp = 0;
+  #bytesDown = 0;
   #clientEnded = false;
   #clientGone = false;
   /** Sockets that closed while relaying: both, and the relay is over. */
   #closed = 0;
   #idleTicks = 0;
-  slot = -1;
 
   constructor(host: ConnectionHost, client: net.Socket, peer: ClientPeer | null, counted: boolean) {
-    this.#host = host;
+    super(host);
     this.#client = client;
     this.#peer = peer;
     this.#counted = counted;
@@ -68,7 +52,7 @@ export class PortableConnection implements RelayConnection, Finished {
     this.#reader = new ClientHelloReader(settings.maxClientHelloBytes);
     this.#timer = setTimeout(() => {
       this.#timer = null;
-      if (this.#phase === Phase.Hello) this.#routeBy({ kind: 'failure', reason: 'timeout', detail: 'no complete ClientHello in time' });
+      if (this.phase === Phase.Hello) this.#routeBy({ kind: 'failure', reason: 'timeout', detail: 'no complete ClientHello in time' });
     }, settings.clientHelloTimeoutMs);
     client.setNoDelay(true);
     if (settings.tcpKeepaliveMs > 0) client.setKeepAlive(true, settings.tcpKeepaliveMs);
@@ -78,35 +62,23 @@ export class PortableConnection implements RelayConnection, Finished {
     client.on('close', () => this.#socketClosed());
   }
 
-  get finished(): boolean {
-    return this.#phase === Phase.Done;
-  }
-
   get countedIp(): string | null {
     return this.#counted ? this.#peer!.ip : null;
   }
 
-  get route(): string {
-    return this.#route;
+  get bytesUp(): number {
+    return this.#bytesUp;
   }
-  get result(): ConnectionResult {
-    return this.#result;
-  }
-  get sni(): string | null {
-    return this.#sni;
-  }
-  get alpn(): readonly string[] | null {
-    return this.#alpn;
-  }
-  get backend(): BackendSpec | null {
-    return this.#backend ?? this.#decision?.backend ?? null;
+
+  get bytesDown(): number {
+    return this.#bytesDown;
   }
 
   // ---- the client ----
 
   #clientData(d: Buffer): void {
-    this.bytesUp += d.length;
-    switch (this.#phase) {
+    this.#bytesUp += d.length;
+    switch (this.phase) {
       case Phase.Relaying:
         this.#idleTicks = 0;
         if (!this.#sock!.write(d)) this.#client.pause();
@@ -128,15 +100,15 @@ export class PortableConnection implements RelayConnection, Finished {
 
   #clientEnd(): void {
     this.#clientEnded = true;
-    if (this.#phase === Phase.Hello) {
+    if (this.phase === Phase.Hello) {
       this.#routeBy({ kind: 'failure', reason: 'closed', detail: 'client closed before the ClientHello was complete' });
-    } else if (this.#phase === Phase.Relaying) {
+    } else if (this.phase === Phase.Relaying) {
       this.#sock!.end();
     }
   }
 
   #clientError(err: NodeJS.ErrnoException): void {
-    if (this.#phase === Phase.Hello) {
+    if (this.phase === Phase.Hello) {
       this.#clientGone = true;
       this.#clientEnded = true;
       this.#routeBy({ kind: 'failure', reason: 'closed', detail: 'client connection reset' });
@@ -146,34 +118,15 @@ export class PortableConnection implements RelayConnection, Finished {
   }
 
   #routeBy(verdict: HelloVerdict): void {
-    const host = this.#host;
-    const m = host.metrics;
-    if (this.#timer !== null) {
-      clearTimeout(this.#timer);
-      this.#timer = null;
-    }
+    this.#stopTimer();
     this.#reader = null;
-    m.helloTook((performance.now() - this.acceptedAt) / 1000);
-    if (verdict.kind === 'hello') {
-      this.#sni = verdict.hello.sni;
-      this.#alpn = verdict.hello.alpn;
-      if (verdict.hello.helloBytes > 0) m.helloSize(verdict.hello.helloBytes);
-    } else {
-      m.clientHelloFailures.inc({ reason: verdict.reason });
-      if (host.logger.isLevelEnabled('debug')) {
-        host.logger.debug({ client: (this.#peer ?? socketPeer(this.#client)).ip, reason: verdict.reason, detail: verdict.detail, bytes: this.bytesUp },
-          'client hello peek failed');
-      }
-    }
-    const d = decide(verdict, host.table(), host.settings, { buffered: this.bytesUp, clientGone: this.#clientGone });
-    this.#route = d.route;
+    const d = this.judge(verdict, this.#bytesUp, this.#clientGone);
     if (d.kind === 'close') {
-      if (this.#result === 'ok') this.#result = d.result;
-      this.#finish();
+      this.finish();
       return;
     }
-    this.#phase = Phase.Dialing;
-    this.#decision = d;
+    this.phase = Phase.Dialing;
+    this.decision = d;
     this.addrIndex = 0;
     this.#dialNext();
   }
@@ -182,18 +135,18 @@ export class PortableConnection implements RelayConnection, Finished {
 
   /** Dials the next address to try, or turns to the fallback (decision.ts) when none is left. */
   #dialNext(): void {
-    const host = this.#host;
-    const decision = this.#decision!;
+    const host = this.host;
+    const decision = this.decision!;
     const index = host.nextAddr(decision.backend, this.addrIndex);
     if (index < 0) {
       const next = afterDialFailure(decision, host.table(), host.settings);
       if (next === null) {
-        this.#result = 'dial_failed';
-        this.#finish();
+        this.endWith('dial_failed');
+        this.finish();
         return;
       }
-      this.#decision = next;
-      this.#route = next.route;
+      this.decision = next;
+      this.route = next.route;
       this.addrIndex = 0;
       this.#dialNext();
       return;
@@ -226,42 +179,36 @@ export class PortableConnection implements RelayConnection, Finished {
     this.#sock = sock;
     this.#timer = setTimeout(() => {
       this.#timer = null;
-      if (this.#sock === sock && this.#phase === Phase.Dialing) this.#dialFailed('ETIMEDOUT');
+      if (this.#sock === sock && this.phase === Phase.Dialing) this.#dialFailed('ETIMEDOUT');
     }, host.settings.backendDialTimeoutMs);
     sock.once('connect', () => {
-      if (this.#sock === sock && this.#phase === Phase.Dialing) this.#startRelay(sock);
+      if (this.#sock === sock && this.phase === Phase.Dialing) this.#startRelay(sock);
     });
     sock.on('error', (err: NodeJS.ErrnoException) => {
       if (this.#sock !== sock) return;
-      if (this.#phase === Phase.Dialing) this.#dialFailed(err.code ?? 'EIO');
+      if (this.phase === Phase.Dialing) this.#dialFailed(err.code ?? 'EIO');
       else this.#failed(err);
     });
   }
 
   #dialFailed(code: string): void {
-    if (this.#timer !== null) {
-      clearTimeout(this.#timer);
-      this.#timer = null;
-    }
+    this.#stopTimer();
     this.#sock?.destroy();
     this.#sock = null;
-    const backend = this.#decision!.backend;
-    this.#host.dialFailed(backend, backend.addrs[this.addrIndex], code);
+    const backend = this.decision!.backend;
+    this.host.dialFailed(backend, backend.addrs[this.addrIndex], code);
     this.addrIndex++;
     this.#dialNext();
   }
 
   #startRelay(sock: net.Socket): void {
-    const host = this.#host;
+    const host = this.host;
     const connectedAt = performance.now();
-    if (this.#timer !== null) {
-      clearTimeout(this.#timer);
-      this.#timer = null;
-    }
-    const backend = this.#decision!.backend;
-    this.#backend = backend;
-    this.#decision = null;
-    this.#phase = Phase.Relaying;
+    this.#stopTimer();
+    const backend = this.decision!.backend;
+    this.relayedTo = backend;
+    this.decision = null;
+    this.phase = Phase.Relaying;
     host.metrics.activeChanged(backend.name, 1);
     const parts = this.#chunks;
     this.#chunks = [];
@@ -275,7 +222,7 @@ export class PortableConnection implements RelayConnection, Finished {
     const ka = host.settings.tcpKeepaliveMs;
     if (ka > 0 && !isLoopback(sock.remoteAddress ?? '')) sock.setKeepAlive(true, ka);
     sock.on('data', (d: Buffer) => {
-      this.bytesDown += d.length;
+      this.#bytesDown += d.length;
       this.#idleTicks = 0;
       if (!this.#client.write(d)) sock.pause();
     });
@@ -293,51 +240,37 @@ export class PortableConnection implements RelayConnection, Finished {
 
   /** With half-close on both sockets, each closes once it has ended both ways: both, and it is over. */
   #socketClosed(): void {
-    if (this.#phase === Phase.Relaying && ++this.#closed === 2) this.#finish();
+    if (this.phase === Phase.Relaying && ++this.#closed === 2) this.finish();
   }
 
   #failed(err: NodeJS.ErrnoException): void {
-    if (this.#result === 'ok') this.#result = resultOf(err);
-    this.#finish();
+    this.endWith(resultOf(err));
+    this.finish();
   }
 
   tick(idleLimit: number): void {
-    if (this.#phase !== Phase.Relaying) return;
+    if (this.phase !== Phase.Relaying) return;
     if (idleLimit > 0 && ++this.#idleTicks > idleLimit) {
-      if (this.#result === 'ok') this.#result = 'idle_timeout';
-      this.#finish();
+      this.endWith('idle_timeout');
+      this.finish();
     }
   }
 
-  flushBytes(): void {
-    const b = this.#backend;
-    if (b === null) return;
-    this.#host.metrics.bytesRelayed(b.name, this.bytesUp - this.#flushedUp, this.bytesDown - this.#flushedDown);
-    this.#flushedUp = this.bytesUp;
-    this.#flushedDown = this.bytesDown;
+  #stopTimer(): void {
+    if (this.#timer === null) return;
+    clearTimeout(this.#timer);
+    this.#timer = null;
   }
 
-  abort(result: 'shutdown'): void {
-    this.#result = result;
-    this.#finish();
+  protected override peerForLog(): ClientPeer {
+    return this.#peer ?? socketPeer(this.#client);
   }
 
-  #finish(): void {
-    if (this.#phase === Phase.Done) return;
-    const host = this.#host;
-    const wasRelaying = this.#phase === Phase.Relaying;
-    this.#phase = Phase.Done;
-    if (this.#timer !== null) {
-      clearTimeout(this.#timer);
-      this.#timer = null;
-    }
-    const peer = host.accessLog ? this.#peer ?? socketPeer(this.#client) : null;
+  protected override closeAll(): void {
+    this.#stopTimer();
     this.#client.destroy();
     this.#sock?.destroy();
     this.#chunks = [];
-    if (wasRelaying) host.metrics.activeChanged(this.#backend!.name, -1);
-    host.release(this);
-    this.flushBytes();
-    account(host, this, peer);
   }
+
 }
