@@ -3,9 +3,20 @@
 # no build step: one stage resolves production dependencies, the runtime stage copies them in.
 #   docker build -t sni-router .
 #   docker run --rm -p 443:443 -v ./sni-router.yaml:/etc/sni-router/sni-router.yaml:ro sni-router
+#
+# The image runs the Node.js the tests run: both stages name the exact version package.json pins
+# (engines.node and the `node` devDependency), and test/runtime.test.ts fails when they part.
+# The digest pins the whole image (Debian layers included), so a rebuild of the tag changes
+# nothing here. It was not read from the registry (the machine this was written on cannot reach
+# it): it is the node:24.21.0-slim digest that independent projects' digest-updating bots pinned
+# last, after the two earlier builds of the same tag (sha256:2fe369e9..., then sha256:0e0ff40c...).
+# A digest resolves only to an image the official repository published, and a wrong one fails the
+# build (manifest unknown) rather than running something else. To check or move it:
+#   docker buildx imagetools inspect node:24.21.0-slim     (the Digest line)
+# and change both FROM lines together.
 
 # --- dependencies: production only, exactly as locked ---------------------------------------------
-FROM node:24-slim AS deps
+FROM node:24.21.0-slim@sha256:b96009b6b18dc15ae52781abe71029198436d556149f441a11a44a706055c3a5 AS deps
 WORKDIR /app
 COPY package.json package-lock.json ./
 # No install scripts: no production dependency needs one (and devDependencies, which pin a Node
@@ -14,7 +25,7 @@ RUN npm ci --omit=dev --ignore-scripts --no-audit --no-fund \
  && npm cache clean --force
 
 # --- runtime -----------------------------------------------------------------------------------------
-FROM node:24-slim
+FROM node:24.21.0-slim@sha256:b96009b6b18dc15ae52781abe71029198436d556149f441a11a44a706055c3a5 AS runtime
 ENV NODE_ENV=production
 WORKDIR /app
 

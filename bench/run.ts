@@ -20,7 +20,8 @@ import { UPDATE_SOURCES, measureUpdates } from './lib/updates.ts';
 
 const REPO = join(import.meta.dirname, '..');
 const BENCH = join(REPO, 'bench');
-const SHARED_FIXTURES = process.env.BENCH_FIXTURES ?? join(REPO, '..', 'shared', 'fixtures');
+/** The Chromium captures, kept with the tests' fixtures (one copy, test/fixtures/README.md says where they came from). */
+const CHROMIUM_FIXTURES = process.env.BENCH_FIXTURES ?? join(REPO, 'test', 'fixtures');
 const NODE = join(REPO, 'node_modules', '.bin', 'node');
 
 const HELP = `npm run bench -- [options]
@@ -39,7 +40,7 @@ const HELP = `npm run bench -- [options]
   --help
 
 Environment: BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/postgres),
-BENCH_REDIS_URL (default redis://127.0.0.1:6379/0), BENCH_FIXTURES (default ../shared/fixtures).
+BENCH_REDIS_URL (default redis://127.0.0.1:6379/0), BENCH_FIXTURES (default test/fixtures).
 `;
 
 interface Options {
@@ -158,7 +159,7 @@ async function loadHellos(o: Options): Promise<Hello[]> {
   const out: Hello[] = [];
   for (const name of o.hellos) {
     if (name === 'chromium') {
-      const file = join(SHARED_FIXTURES, 'chromium-https-clienthello.bin');
+      const file = join(CHROMIUM_FIXTURES, 'chromium-https-clienthello.bin');
       if (!existsSync(file)) throw new Error(`${file} is missing: set BENCH_FIXTURES to the folder with the Chromium captures`);
       out.push({ name, file, bytes: statSync(file).size, note: 'Chromium 156, X25519MLKEM768 key share, GREASE, ECH GREASE, ALPN h2/http1.1' });
     } else {

@@ -31,7 +31,7 @@ const WORKERS = Number(argValue('--workers') ?? 2);
 const json = args.includes('--json');
 const REPO = join(import.meta.dirname, '..');
 const NODE = join(REPO, 'node_modules', '.bin', 'node');
-const HELLO = readFileSync(join(process.env.BENCH_FIXTURES ?? join(REPO, '..', 'shared', 'fixtures'), 'chromium-https-clienthello.bin'));
+const HELLO = readFileSync(join(process.env.BENCH_FIXTURES ?? join(REPO, 'test', 'fixtures'), 'chromium-https-clienthello.bin'));
 
 const now = () => performance.timeOrigin + performance.now();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));

@@ -415,10 +415,11 @@ function dockerfile(): { stages: string[]; lines: string[] } {
   return { stages: lines.filter((l) => l.startsWith('FROM ')), lines };
 }
 
-test('the Dockerfile builds from node:24-slim with production dependencies only and runs as a non-root user', () => {
+test('the Dockerfile builds from an exact node:<version>-slim by digest, with production dependencies only, and runs as a non-root user', () => {
   const { stages, lines } = dockerfile();
   assert.ok(stages.length >= 2, 'multi-stage');
-  for (const s of stages) assert.match(s, /^FROM node:24-slim\b/);
+  // Which version: test/runtime.test.ts holds it to the one the tests run.
+  for (const s of stages) assert.match(s, /^FROM node:\d+\.\d+\.\d+-slim@sha256:[0-9a-f]{64}( AS \w+)?$/);
   assert.ok(lines.some((l) => /^RUN npm ci --omit=dev\b/.test(l)));
   const runtime = lines.slice(lines.lastIndexOf(stages.at(-1)!));
   const user = runtime.filter((l) => l.startsWith('USER ')).at(-1);

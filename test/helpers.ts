@@ -11,7 +11,8 @@ import { App, type AppOptions } from '../src/app.ts';
 import { parseConfig } from '../src/config/load.ts';
 import { createLogger, type Logger } from '../src/log.ts';
 
-export const FIXTURES = join(import.meta.dirname, '..', '..', 'shared', 'fixtures');
+/** Captured ClientHellos and pages the tests load (test/fixtures/README.md says where each came from). */
+export const FIXTURES = join(import.meta.dirname, 'fixtures');
 
 export function tempDir(prefix = 'sni-router-test-'): { dir: string; cleanup: () => void } {
   const dir = mkdtempSync(join(tmpdir(), prefix));

@@ -3,14 +3,14 @@
 // prom-client hashes the label set on every update, even through a `labels(...)` child (the
 // child binds the labels and hashes them again on each call), and a histogram observation
 // allocates and turns its bucket bound into a string key: together several µs per connection
-// in the router's profile. These metrics are prom-client's own classes, registered, exposed and
-// aggregated (workers) exactly as before; each label set is a cell, resolved once, and the data
-// path adds to the cell. Counters and gauges pass their cells to prom-client through its public
-// API when collected (at scrape time); a histogram reports its cells itself, in prom-client's
-// format.
+// in the router's profile. These metrics are registered, exposed and aggregated (workers) as
+// prom-client's own; each label set is a cell, resolved once, and the data path adds to the cell.
+// Counters and gauges are prom-client's classes and pass their cells to them through their public
+// API when collected (at scrape time); a histogram is a metric of its own that reports its cells
+// through get(), in prom-client's format.
 import {
-  Counter, type CounterConfiguration, Gauge, type GaugeConfiguration, Histogram, type HistogramConfiguration, type LabelValues,
-  type MetricObjectWithValues, type MetricValueWithName,
+  type Aggregator, Counter, type CounterConfiguration, Gauge, type GaugeConfiguration, type LabelValues, type Metric,
+  type MetricObjectWithValues, type MetricValueWithName, type Registry,
 } from 'prom-client';
 
 /** One metric's cells by label values: each made once, with its labels, on first use. */
@@ -145,57 +145,90 @@ export class HistogramCell {
   }
 }
 
+/** prom-client's histogram configuration, less what cells do not do (collect, exemplars). */
+export interface CellHistogramConfiguration<T extends string> {
+  readonly name: string;
+  readonly help: string;
+  readonly labelNames?: readonly T[];
+  readonly buckets: readonly number[];
+  readonly registers: readonly Registry[];
+  readonly aggregator?: Aggregator;
+}
+
 /**
- * A prom-client Histogram whose series all live in cells (observe() through prom-client's own
- * API is not used for it). Without labels its one series exists from the start, as prom-client's.
+ * One sample as prom-client's own histogram reports it in get(), its keys in the same order (the
+ * JSON a worker sends is byte for byte the same); no exemplars: null on buckets, as there.
  */
-export class CellHistogram<T extends string> extends Histogram<T> {
+interface Sample {
+  value: number;
+  metricName: string;
+  exemplar?: null;
+  labels: LabelValues<string>;
+}
+
+/**
+ * A histogram whose series all live in cells. Not a prom-client Histogram (whose exposition could
+ * only be replaced through a private method): a metric of its own that a Registry takes through the
+ * contract each of prom-client's metric classes keeps in public: name, help, type and aggregator,
+ * get() for the samples, reset(). AggregatorRegistry.aggregate registers plain objects of that
+ * shape too. get() returns, sample for sample, what prom-client's Histogram returns for the same
+ * observations, so the exposition and the JSON the workers send are unchanged; test/cells.test.ts
+ * compares them with prom-client's own. Without labels its one series exists from the start, as
+ * prom-client's does.
+ */
+export class CellHistogram<T extends string> {
+  readonly name: string;
+  readonly help: string;
+  readonly type = 'histogram';
+  readonly aggregator: Aggregator;
+  readonly labelNames: readonly T[];
   readonly #cells: CellMap<HistogramCell>;
   readonly #bounds: Float64Array;
-  readonly #config: HistogramConfiguration<T>;
 
-  constructor(config: HistogramConfiguration<T> & { buckets: number[] }) {
-    super(config);
-    this.#config = config;
+  constructor(config: CellHistogramConfiguration<T>) {
+    this.name = config.name;
+    this.help = config.help;
+    this.aggregator = config.aggregator ?? 'sum';
+    this.labelNames = config.labelNames ?? [];
+    if (!/^[a-zA-Z_:][a-zA-Z0-9_:]*$/.test(config.name)) throw new Error(`invalid metric name ${JSON.stringify(config.name)}`);
+    if (this.labelNames.includes('le' as T)) throw new Error(`${config.name}: le is a reserved label name`);
     const bounds = Float64Array.from([...config.buckets].sort((a, b) => a - b));
     this.#bounds = bounds;
-    this.#cells = new CellMap(config.labelNames, (labels) => new HistogramCell(labels, bounds));
-    if (this.#unlabeled) this.cell();
-  }
-
-  get #unlabeled(): boolean {
-    return (this.#config.labelNames ?? []).length === 0;
+    this.#cells = new CellMap(this.labelNames, (labels) => new HistogramCell(labels, bounds));
+    this.reset();
+    // prom-client's typings name only its own classes; at run time a registry asks a metric for
+    // no more than the contract above.
+    for (const r of config.registers) r.registerMetric(this as unknown as Metric<T>);
   }
 
   cell(...values: string[]): HistogramCell {
     return this.#cells.get(values);
   }
 
-  override reset(): void {
-    super.reset();
-    // prom-client's constructor resets too, before this class's fields exist.
-    if (!(#cells in this)) return;
+  /** Every series gone (cells handed out before are no longer read); without labels, its one series at zero. */
+  reset(): void {
     this.#cells.clear();
-    if (this.#unlabeled) this.cell();
+    if (this.labelNames.length === 0) this.cell();
   }
 
-  /** prom-client's Histogram.get() reads this (and merges sharedLabels into labels). */
-  async getForPromString(): Promise<MetricObjectWithValues<MetricValueWithName<T>>> {
-    const name = this.#config.name;
-    const values: Array<MetricValueWithName<T> & { sharedLabels: LabelValues<string>; exemplar: null | undefined }> = [];
+  /** The samples, cumulative by bucket, in prom-client's order: buckets, +Inf, sum, count per series. */
+  async get(): Promise<MetricObjectWithValues<MetricValueWithName<T>>> {
+    const name = this.name;
+    const bucket = `${name}_bucket`;
+    const values: Sample[] = [];
     const bounds = this.#bounds;
     for (const c of this.#cells.values()) {
       let acc = 0;
       for (let i = 0; i < bounds.length; i++) {
         acc += c.counts[i];
-        values.push({ labels: { le: bounds[i] } as LabelValues<T>, sharedLabels: c.labels, value: acc, metricName: `${name}_bucket`, exemplar: null });
+        values.push({ value: acc, metricName: bucket, exemplar: null, labels: { le: bounds[i], ...c.labels } });
       }
-      values.push({ labels: { le: '+Inf' } as LabelValues<T>, sharedLabels: c.labels, value: c.count, metricName: `${name}_bucket`, exemplar: null });
-      values.push({ labels: {}, sharedLabels: c.labels, value: c.sum, metricName: `${name}_sum`, exemplar: undefined });
-      values.push({ labels: {}, sharedLabels: c.labels, value: c.count, metricName: `${name}_count`, exemplar: undefined });
+      values.push({ value: c.count, metricName: bucket, exemplar: null, labels: { le: '+Inf', ...c.labels } });
+      values.push({ value: c.sum, metricName: `${name}_sum`, labels: { ...c.labels } });
+      values.push({ value: c.count, metricName: `${name}_count`, labels: { ...c.labels } });
     }
     // prom-client's typings call `type` an enum; at run time it is the exposition's word.
-    const metric = { name, help: this.#config.help, type: 'histogram', values, aggregator: this.#config.aggregator ?? 'sum' };
+    const metric = { name, help: this.help, type: this.type, values, aggregator: this.aggregator };
     return metric as unknown as MetricObjectWithValues<MetricValueWithName<T>>;
   }
 }

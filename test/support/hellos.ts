@@ -1,4 +1,4 @@
-// Real ClientHellos for tests: the Chromium captures in shared/fixtures, and hellos captured at
+// Real ClientHellos for tests: the Chromium captures in test/fixtures, and hellos captured at
 // test time from node:tls and openssl s_client. Plus tools to re-cut a hello into TLS records.
 import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';

@@ -9,10 +9,10 @@ import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
 import { join } from 'node:path';
-import { sleep, tempDir, waitFor } from '../helpers.ts';
+import { FIXTURES, sleep, tempDir, waitFor } from '../helpers.ts';
 
 export const CHROMIUM = '/usr/bin/chromium';
-const PAGE = join(import.meta.dirname, '..', 'fixtures', 'webrtc-turn.html');
+const PAGE = join(FIXTURES, 'webrtc-turn.html');
 /** Output kept per process, for assertions and failure messages. */
 const OUTPUT_CAP = 512 * 1024;
 
