@@ -1,8 +1,9 @@
-// The cutover of the README runbook with a real Caddy: Caddy moved to its https_port behind the
-// router, with the Caddyfile the compose stack ships (deploy/compose/Caddyfile, ports moved to free
-// ones). Browsers and probers see Caddy exactly as before, TURN clients reach TURN, http:// still
-// redirects to https:// without Caddy's new port, ACME TLS-ALPN-01 connections reach Caddy, and the
-// cert watcher picks up the certificate Caddy issued and signals the TURN server through a pid file.
+// The cutover of the runbook (docs/operations.md) with a real Caddy: Caddy moved to its https_port
+// behind the router, with the Caddyfile the compose stack ships (deploy/compose/Caddyfile, ports
+// moved to free ones). Browsers and probers see Caddy exactly as before, TURN clients reach TURN,
+// http:// still redirects to https:// without Caddy's new port, ACME TLS-ALPN-01 connections reach
+// Caddy, and the cert watcher picks up the certificate Caddy issued and signals the TURN server
+// through a pid file.
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';

@@ -1,5 +1,5 @@
-// The runbook's namespace commands (README.md, "Routes: enable and disable a namespace, per
-// source"), run as written against a real router with each source: the route appears in /routes,
+// The runbook's namespace commands (docs/operations.md, "Routes: enable and disable a namespace,
+// per source"), run as written against a real router with each source: the route appears in /routes,
 // then goes away. The commands are read from the document, so the document cannot drift from what
 // works. Uses the local PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379) the source tests use.
 import assert from 'node:assert/strict';
@@ -13,7 +13,7 @@ import { createTestDatabase, randomSuffix } from './support/sources.ts';
 import { requireTools } from './support/tools.ts';
 
 const ROOT = join(import.meta.dirname, '..');
-const RUNBOOK = readFileSync(join(ROOT, 'README.md'), 'utf8');
+const RUNBOOK = readFileSync(join(ROOT, 'docs', 'operations.md'), 'utf8');
 const run = promisify(execFile);
 
 /** The first fenced block of `lang` after the line that starts with `heading`. */
