@@ -3,7 +3,7 @@
 // workers), routes by the table the primary sends it, and answers the primary's questions
 // (metrics, counts). Sources, the cert watcher and the admin server stay in the primary.
 //
-// Signals: SIGINT, SIGTERM and SIGHUP sent to the whole process group (a terminal's ctrl-C, a
+// Signals: SIGINT, SIGTERM, SIGHUP and SIGUSR2 sent to the whole process group (a terminal's ctrl-C, a
 // systemd stop) are the primary's to act on: it tells each worker to drain. A worker whose
 // primary is gone exits (node:cluster does that when the IPC channel closes).
 import cluster from 'node:cluster';
@@ -146,7 +146,7 @@ class DataPlaneWorker {
 }
 
 function run(): void {
-  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) process.on(signal, () => {});
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGUSR2'] as const) process.on(signal, () => {});
   let worker: DataPlaneWorker | null = null;
   let fatal = (err: Error): void => {
     process.stderr.write(`sni-router worker ${process.pid}: fatal: ${err.stack ?? err.message}\n`);

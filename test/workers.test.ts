@@ -451,9 +451,11 @@ describe('bin/sni-router with workers: 2', () => {
       assert.ok(!pids.includes(Number(primaryPid)));
       assert.equal((await http(p.adminPort, '/readyz')).status, 200);
       // The primary coordinates: SIGINT and SIGTERM sent to a worker itself (a terminal's process
-      // group gets them too) neither stop it nor count as a restart.
+      // group gets them too) neither stop it nor count as a restart; nor does a stray SIGUSR2.
       process.kill(pids[0], 'SIGTERM');
       process.kill(pids[1], 'SIGINT');
+      process.kill(pids[0], 'SIGUSR2');
+      process.kill(pids[1], 'SIGUSR2');
       await sleep(300);
       assert.ok(pids.every(alive), 'workers still running');
       assert.equal(metricValue((await http(p.adminPort, '/metrics')).body, 'sni_router_worker_restarts_total'), 0);

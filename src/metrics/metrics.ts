@@ -59,6 +59,11 @@ export class Metrics {
     const registry = new Registry();
     this.registry = registry;
     const r = [registry];
+    // Plain series: prom-client's own counters and gauges, named with the prefix, in this registry.
+    const counter = <L extends string>(name: string, help: string, labelNames: readonly L[] = []) =>
+      new Counter<L>({ name: `${PREFIX}${name}`, help, labelNames, registers: r });
+    const gauge = <L extends string>(name: string, help: string, labelNames: readonly L[] = []) =>
+      new Gauge<L>({ name: `${PREFIX}${name}`, help, labelNames, registers: r });
     this.connections = new CellCounter({
       name: `${PREFIX}connections_total`,
       help: 'Connections handled, by route (configured pattern or "fallback") and how they ended.',
@@ -93,12 +98,7 @@ export class Metrics {
       buckets: HELLO_SIZE_BUCKETS,
       registers: r,
     });
-    this.clientHelloFailures = new Counter({
-      name: `${PREFIX}client_hello_failures_total`,
-      help: 'Connections whose first bytes did not yield a ClientHello, by reason.',
-      labelNames: ['reason'],
-      registers: r,
-    });
+    this.clientHelloFailures = counter('client_hello_failures_total', 'Connections whose first bytes did not yield a ClientHello, by reason.', ['reason']);
     this.backendDialDuration = new CellHistogram({
       name: `${PREFIX}backend_dial_duration_seconds`,
       help: 'Time to connect to a backend, successful dials only.',
@@ -106,111 +106,24 @@ export class Metrics {
       buckets: LATENCY_BUCKETS,
       registers: r,
     });
-    this.backendDialFailures = new Counter({
-      name: `${PREFIX}backend_dial_failures_total`,
-      help: 'Failed attempts to connect to a backend address (each address tried counts once).',
-      labelNames: ['backend'],
-      registers: r,
-    });
-    this.connectionLimitRejections = new Counter({
-      name: `${PREFIX}connection_limit_rejections_total`,
-      help: 'Connections closed at once because a limit was reached: scope "global" or "per_ip".',
-      labelNames: ['scope'],
-      registers: r,
-    });
-    this.routeTableGeneration = new Gauge({
-      name: `${PREFIX}route_table_generation`,
-      help: 'Generation of the live route table; it grows by one on every replace.',
-      registers: r,
-    });
-    this.routes = new Gauge({
-      name: `${PREFIX}routes`,
-      help: 'Routes in the live table, by the source they came from.',
-      labelNames: ['source'],
-      registers: r,
-    });
-    this.routeConflicts = new Counter({
-      name: `${PREFIX}route_conflicts_total`,
-      help: 'Routes left out because an earlier source had the same match and alpn, by the losing source.',
-      labelNames: ['source'],
-      registers: r,
-    });
-    this.sourceUpdates = new Counter({
-      name: `${PREFIX}source_updates_total`,
-      help: 'Snapshots read by each source: result "ok" or "error".',
-      labelNames: ['source', 'result'],
-      registers: r,
-    });
-    this.sourceInvalidEntries = new Counter({
-      name: `${PREFIX}source_invalid_entries_total`,
-      help: 'Malformed route entries skipped (their siblings still apply).',
-      labelNames: ['source'],
-      registers: r,
-    });
-    this.sourceLastSuccess = new Gauge({
-      name: `${PREFIX}source_last_success_timestamp_seconds`,
-      help: 'Unix time of the last snapshot a source read successfully.',
-      labelNames: ['source'],
-      registers: r,
-    });
-    this.sourceUp = new Gauge({
-      name: `${PREFIX}source_up`,
-      help: '1 while a source is healthy, 0 while it is failing (its last good snapshot stays live).',
-      labelNames: ['source'],
-      registers: r,
-    });
-    this.certNotAfter = new Gauge({
-      name: `${PREFIX}cert_not_after_timestamp_seconds`,
-      help: 'notAfter of the certificate the cert watcher last deployed (or found), Unix time.',
-      labelNames: ['cert'],
-      registers: r,
-    });
-    this.certReloads = new Counter({
-      name: `${PREFIX}cert_reloads_total`,
-      help: 'Certificate deployments: result "ok", "error" (copy or action failed) or "invalid" (pair rejected).',
-      labelNames: ['cert', 'result'],
-      registers: r,
-    });
-    this.certInvalid = new Counter({
-      name: `${PREFIX}cert_invalid_total`,
-      help: 'Certificate pairs seen but not used, by reason.',
-      labelNames: ['cert', 'reason'],
-      registers: r,
-    });
-    this.certActions = new Gauge({
-      name: `${PREFIX}cert_actions`,
-      help: 'on_change actions waiting, by state: "pending" (queued or running), "deferred" (to restart_window), "failed" (out of retries).',
-      labelNames: ['cert', 'state'],
-      registers: r,
-    });
-    this.certwatchSkipped = new Counter({
-      name: `${PREFIX}certwatch_skipped_total`,
-      help: 'Namespaces a for_each certwatch entry (cert: its name as written) made no entry for, by reason.',
-      labelNames: ['cert', 'reason'],
-      registers: r,
-    });
-    this.acceptErrors = new Counter({
-      name: `${PREFIX}accept_errors_total`,
-      help: 'Errors accepting connections (EMFILE: out of file descriptors), by code.',
-      labelNames: ['code'],
-      registers: r,
-    });
-    this.workerRestarts = new Counter({
-      name: `${PREFIX}worker_restarts_total`,
-      help: 'Data-plane worker processes started again after one exited unexpectedly (workers > 1).',
-      registers: r,
-    });
-    this.workerConnectionsLost = new Counter({
-      name: `${PREFIX}worker_connections_lost_total`,
-      help: 'Connections open in a worker when it exited unexpectedly, as of its last heartbeat (workers > 1).',
-      registers: r,
-    });
-    this.buildInfo = new Gauge({
-      name: `${PREFIX}build_info`,
-      help: 'Always 1; its labels say which version of sni-router runs, on which Node.js.',
-      labelNames: ['version', 'node'],
-      registers: r,
-    });
+    this.backendDialFailures = counter('backend_dial_failures_total', 'Failed attempts to connect to a backend address (each address tried counts once).', ['backend']);
+    this.connectionLimitRejections = counter('connection_limit_rejections_total', 'Connections closed at once because a limit was reached: scope "global" or "per_ip".', ['scope']);
+    this.routeTableGeneration = gauge('route_table_generation', 'Generation of the live route table; it grows by one on every replace.');
+    this.routes = gauge('routes', 'Routes in the live table, by the source they came from.', ['source']);
+    this.routeConflicts = counter('route_conflicts_total', 'Routes left out because an earlier source had the same match and alpn, by the losing source.', ['source']);
+    this.sourceUpdates = counter('source_updates_total', 'Snapshots read by each source: result "ok" or "error".', ['source', 'result']);
+    this.sourceInvalidEntries = counter('source_invalid_entries_total', 'Malformed route entries skipped (their siblings still apply).', ['source']);
+    this.sourceLastSuccess = gauge('source_last_success_timestamp_seconds', 'Unix time of the last snapshot a source read successfully.', ['source']);
+    this.sourceUp = gauge('source_up', '1 while a source is healthy, 0 while it is failing (its last good snapshot stays live).', ['source']);
+    this.certNotAfter = gauge('cert_not_after_timestamp_seconds', 'notAfter of the certificate the cert watcher last deployed (or found), Unix time.', ['cert']);
+    this.certReloads = counter('cert_reloads_total', 'Certificate deployments: result "ok", "error" (copy or action failed) or "invalid" (pair rejected).', ['cert', 'result']);
+    this.certInvalid = counter('cert_invalid_total', 'Certificate pairs seen but not used, by reason.', ['cert', 'reason']);
+    this.certActions = gauge('cert_actions', 'on_change actions waiting, by state: "pending" (queued or running), "deferred" (to restart_window), "failed" (out of retries).', ['cert', 'state']);
+    this.certwatchSkipped = counter('certwatch_skipped_total', 'Namespaces a for_each certwatch entry (cert: its name as written) made no entry for, by reason.', ['cert', 'reason']);
+    this.acceptErrors = counter('accept_errors_total', 'Errors accepting connections (EMFILE: out of file descriptors), by code.', ['code']);
+    this.workerRestarts = counter('worker_restarts_total', 'Data-plane worker processes started again after one exited unexpectedly (workers > 1).');
+    this.workerConnectionsLost = counter('worker_connections_lost_total', 'Connections open in a worker when it exited unexpectedly, as of its last heartbeat (workers > 1).');
+    this.buildInfo = gauge('build_info', 'Always 1; its labels say which version of sni-router runs, on which Node.js.', ['version', 'node']);
     this.buildInfo.set({ ...buildInfo() }, 1);
     for (const reason of ['not_tls', 'malformed', 'too_large', 'timeout', 'closed']) {
       this.clientHelloFailures.inc({ reason }, 0);
