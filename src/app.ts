@@ -6,8 +6,8 @@
 // and asks for metrics; `server` is then the pool, which answers for all of them.
 import type { AddressInfo } from 'node:net';
 import { startCertwatch, type CertwatchHandle, type Tuning as CertwatchTuning } from './certwatch/index.ts';
-import { WorkerPool, type WorkerStatus } from './cluster/pool.ts';
-import type { WorkerStats } from './cluster/protocol.ts';
+import { WorkerPool } from './cluster/pool.ts';
+import type { WorkerStats, WorkerStatus } from './cluster/protocol.ts';
 import { loadConfig } from './config/load.ts';
 import type { Config } from './config/types.ts';
 import { localInterfaceAddresses } from './host.ts';
@@ -15,7 +15,7 @@ import { createLogger, type Logger } from './log.ts';
 import { isOwnAddress } from './model/self-address.ts';
 import { AdminServer } from './metrics/admin.ts';
 import { Metrics } from './metrics/metrics.ts';
-import { type BackendHealth, RouterServer } from './router/server.ts';
+import { type DataPlane, LocalDataPlane } from './data-plane.ts';
 import { RouteTable, Router } from './router/table.ts';
 import { alpnKey } from './model/route.ts';
 import { Composer } from './sources/composer.ts';
@@ -27,16 +27,6 @@ export interface AppOptions {
   readonly env?: NodeJS.ProcessEnv;
   /** The cert watcher's timings and clock (tests); the defaults suit production. */
   readonly certwatch?: Partial<CertwatchTuning>;
-}
-
-/** The data plane as the rest of the app sees it: one RouterServer, or the pool of workers. */
-export interface DataPlane {
-  /** Connections accepted and not finished (with workers: as of their last heartbeats). */
-  readonly activeConnections: number;
-  readonly trackedClientAddresses: number;
-  readonly draining: boolean;
-  backendHealth(addr: string): BackendHealth;
-  drain(graceMs: number): Promise<void>;
 }
 
 /**
@@ -56,12 +46,9 @@ export class App {
   readonly logger: Logger;
   readonly metrics: Metrics;
   readonly router: Router;
+  /** Where connections are accepted and relayed: this process, or the worker pool. */
   readonly server: DataPlane;
   readonly composer: Composer;
-  /** The in-process data plane (workers: 1), else null. */
-  readonly #local: RouterServer | null = null;
-  /** The workers (workers > 1), else null. */
-  readonly #pool: WorkerPool | null = null;
   readonly #env: NodeJS.ProcessEnv;
   readonly #certwatchTuning: Partial<CertwatchTuning> | undefined;
   #admin: AdminServer | null = null;
@@ -81,16 +68,13 @@ export class App {
     this.metrics = new Metrics();
     this.router = new Router(new RouteTable(config.routes, config.fallback));
     this.metrics.routeTableGeneration.set(this.router.generation);
-    if (config.workers > 1) {
-      this.server = this.#pool = new WorkerPool({
-        count: config.workers, router: this.router, metrics: this.metrics, logger: this.logger, listen: config.listen,
-        settings: config.server, accessLog: config.log.access, relayLogs: opts.logger !== undefined,
-      });
-    } else {
-      this.server = this.#local = new RouterServer({
-        router: this.router, metrics: this.metrics, logger: this.logger, settings: config.server, accessLog: config.log.access,
-      });
-    }
+    const plane = {
+      router: this.router, metrics: this.metrics, logger: this.logger, listen: config.listen, settings: config.server,
+      accessLog: config.log.access,
+    };
+    this.server = config.workers > 1
+      ? new WorkerPool({ ...plane, count: config.workers, relayLogs: opts.logger !== undefined })
+      : new LocalDataPlane(plane);
     this.composer = new Composer({ router: this.router, metrics: this.metrics, logger: this.logger });
     this.#certwatchTuning = opts.certwatch;
     // A namespace enabled or disabled in a source gets or loses its per-namespace cert watch entries.
@@ -121,7 +105,7 @@ export class App {
     }
     await this.composer.setSources(createSources(config.sources, { logger: this.logger }));
     await this.#startCertwatch(config);
-    this.listenAddresses = this.#pool !== null ? await this.#pool.start() : await this.#local!.listen(config.listen);
+    this.listenAddresses = await this.server.start();
     this.composer.setSelfCheck(ownAddressCheck(this.listenAddresses));
     this.#listening = true;
     this.logger.info({
@@ -144,20 +128,17 @@ export class App {
   notReadyReason(): string | null {
     if (this.server.draining) return 'draining';
     if (!this.#listening) return 'not listening yet';
-    return this.#pool?.notReadyReason() ?? null;
+    return this.server.notReadyReason();
   }
 
   /** Prometheus text: this process's registry, and with workers every worker's, aggregated. */
   async metricsText(): Promise<string> {
-    return this.#pool !== null ? this.#pool.metricsText() : this.metrics.registry.metrics();
+    return this.server.metricsText();
   }
 
   /** Open connections and tracked client addresses, counted now (with workers: asked of each, summed). */
   async connectionCounts(): Promise<{ active: number; trackedClientAddresses: number }> {
-    if (this.#pool === null) {
-      return { active: this.#local!.activeConnections, trackedClientAddresses: this.#local!.trackedClientAddresses };
-    }
-    const stats = await this.#pool.stats();
+    const stats = await this.server.stats();
     return {
       active: stats.reduce((n, s) => n + s.active, 0),
       trackedClientAddresses: stats.reduce((n, s) => n + s.trackedClientAddresses, 0),
@@ -166,20 +147,16 @@ export class App {
 
   /** Each data-plane process's counts, asked now: one entry per worker (or one for this process). */
   async dataPlaneStats(): Promise<WorkerStats[]> {
-    if (this.#pool !== null) return this.#pool.stats();
-    const connections = (await this.metrics.connections.get()).values.reduce((n, v) => n + v.value, 0);
-    return [{
-      pid: process.pid, active: this.#local!.activeConnections, trackedClientAddresses: this.#local!.trackedClientAddresses,
-      connections, generation: this.router.generation,
-    }];
+    return this.server.stats();
   }
 
   /** The workers as their heartbeats describe them; empty with workers: 1. */
   workerStatus(): WorkerStatus[] {
-    return this.#pool?.status() ?? [];
+    return this.server.status();
   }
 
   routesView(): unknown {
+    const workers = this.server.status();
     const table = this.router.table;
     const certwatch = this.#certwatch?.view();
     const backendView = (b: typeof table.fallback) => ({
@@ -214,8 +191,8 @@ export class App {
         failing_since: s.failingSince === null ? null : new Date(s.failingSince).toISOString(),
         last_success: s.lastSuccess === null ? null : new Date(s.lastSuccess).toISOString(),
       })),
-      ...(this.#pool === null ? {} : {
-        workers: this.#pool.status().map((w) => ({
+      ...(workers.length === 0 ? {} : {
+        workers: workers.map((w) => ({
           worker: w.slot, pid: w.pid, state: w.state, active_connections: w.active, generation: w.generation, restarts: w.restarts,
         })),
       }),
@@ -253,12 +230,7 @@ export class App {
     const prev = this.config;
     this.config = next;
     this.logger.level = next.log.level;
-    if (this.#pool !== null) {
-      this.#pool.configure(next.server, next.log.access, next.log.level);
-    } else {
-      this.#local!.settings = next.server;
-      this.#local!.accessLog = next.log.access;
-    }
+    this.server.configure(next.server, next.log.access, next.log.level);
     if (JSON.stringify(prev.listen) !== JSON.stringify(next.listen) ||
       JSON.stringify(prev.admin) !== JSON.stringify(next.admin) || prev.workers !== next.workers ||
       prev.server.relay !== next.server.relay) {

@@ -9,7 +9,7 @@ import { after, before, describe, test } from 'node:test';
 import fc from 'fast-check';
 import { TablePublisher, TableReplica } from '../src/cluster/table-sync.ts';
 import { parseConfig } from '../src/config/load.ts';
-import { RouteTable } from '../src/router/table.ts';
+import { RouteTable, diffTables } from '../src/router/table.ts';
 import { type AlpnCondition, type RouteSpec } from '../src/model/route.ts';
 import {
   type CertPair, makeCert, metricValue, rawExchange, recordingBackend, sleep, startRouter, tempDir, tlsBackend, tlsHello, waitFor,
@@ -353,10 +353,13 @@ describe('table sync: a change set rebuilds the same table in the worker', () =>
       let previous = replica.apply(JSON.parse(JSON.stringify(publisher.full())));
       const answers = (t: RouteTable) => names.flatMap((name) => offers.map((offer) => t.lookup(name, offer)));
       let generation = 1;
+      let primary = first;
       for (const [generated, fb] of tables) {
         const routes = JSON.parse(JSON.stringify(generated)) as RouteSpec[];
         const table = new RouteTable(routes, fallback(fb));
-        const change = publisher.change(table, ++generation);
+        // The diff the composer hands to Router.replace.
+        const change = publisher.change(table, ++generation, diffTables(primary, table));
+        primary = table;
         const before = answers(previous);
         const copy = replica.apply(JSON.parse(JSON.stringify(change)));
         // The new table shares lists with the one it was derived from, which must not change.
@@ -378,7 +381,7 @@ describe('table sync: a change set rebuilds the same table in the worker', () =>
     const t1 = tableFor('fallback: { addr: "127.0.0.1:1" }\nroutes:\n  - { match: a.example.com, backend: { addr: "127.0.0.1:2" } }\n  - { match: b.example.com, backend: { addr: "127.0.0.1:3" } }\n');
     const t2 = tableFor('fallback: { addr: "127.0.0.1:1" }\nroutes:\n  - { match: a.example.com, backend: { addr: "127.0.0.1:2" } }\n  - { match: c.example.com, backend: { addr: "127.0.0.1:3" } }\n');
     const p = new TablePublisher(t1, 1);
-    const change = p.change(t2, 2);
+    const change = p.change(t2, 2, diffTables(t1, t2));
     assert.deepEqual(change.set.map((g) => g.map((r) => r.match)), [['c.example.com']]);
     assert.deepEqual(change.delete, ['b.example.com']);
   });

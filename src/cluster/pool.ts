@@ -15,10 +15,11 @@ import pino from 'pino';
 import type { ListenAddress, ServerSettings } from '../config/types.ts';
 import type { Logger } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
+import type { DataPlane } from '../data-plane.ts';
 import type { BackendHealth } from '../router/server.ts';
 import type { Router } from '../router/table.ts';
 import { PRIMARY_METRICS, type MetricJson, aggregateMetrics, retire } from './aggregate.ts';
-import type { PrimaryMessage, WorkerMessage, WorkerSettings, WorkerStats } from './protocol.ts';
+import type { PrimaryMessage, WorkerMessage, WorkerSettings, WorkerState, WorkerStats, WorkerStatus } from './protocol.ts';
 import { isWorkerMessage } from './protocol.ts';
 import { TablePublisher } from './table-sync.ts';
 
@@ -50,19 +51,6 @@ export interface WorkerPoolOptions {
   readonly relayLogs: boolean;
 }
 
-export type WorkerState = 'starting' | 'listening' | 'restarting' | 'stopped';
-
-/** What the primary knows of a worker from its heartbeats (at most WATCH.heartbeatMs old). */
-export interface WorkerStatus {
-  readonly slot: number;
-  readonly pid: number | null;
-  readonly state: WorkerState;
-  readonly active: number;
-  readonly trackedClientAddresses: number;
-  readonly generation: number;
-  readonly restarts: number;
-}
-
 interface Slot {
   readonly index: number;
   worker: Worker | null;
@@ -89,7 +77,7 @@ interface Pending {
   readonly resolve: (body: unknown) => void;
 }
 
-export class WorkerPool {
+export class WorkerPool implements DataPlane {
   readonly #metrics: Metrics;
   readonly #logger: Logger;
   readonly #relayLogs: boolean;
@@ -117,9 +105,9 @@ export class WorkerPool {
       lastMetrics: null, failure: null, exited: Promise.resolve(),
     }));
     this.#publisher = new TablePublisher(opts.router.table, opts.router.generation);
-    opts.router.onReplace((table, generation) => {
+    opts.router.onReplace((table, generation, diff) => {
       const t0 = performance.now();
-      const change = this.#publisher.change(table, generation);
+      const change = this.#publisher.change(table, generation, diff);
       this.#broadcast({ t: 'table', ...change });
       this.#logger.debug({
         generation, patterns_changed: change.set.length, patterns_removed: change.delete.length,

@@ -88,3 +88,16 @@ export function isWorkerMessage(m: unknown): m is WorkerMessage {
 export function isPrimaryMessage(m: unknown): m is PrimaryMessage {
   return typeof m === 'object' && m !== null && typeof (m as { t?: unknown }).t === 'string';
 }
+
+export type WorkerState = 'starting' | 'listening' | 'restarting' | 'stopped';
+
+/** What the primary knows of a worker from its heartbeats (at most the heartbeat interval old). */
+export interface WorkerStatus {
+  readonly slot: number;
+  readonly pid: number | null;
+  readonly state: WorkerState;
+  readonly active: number;
+  readonly trackedClientAddresses: number;
+  readonly generation: number;
+  readonly restarts: number;
+}

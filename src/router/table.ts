@@ -133,6 +133,13 @@ export class RouteTable {
     return new RouteTable(routes, fallback, parts);
   }
 
+  /** The routes of one pattern ("a.example.com", "*.example.com", "**.example.com") in lookup order. */
+  patternRoutes(match: string): readonly RouteSpec[] | undefined {
+    if (match.startsWith('**.')) return this.#anyLabels.get(match.slice(3));
+    if (match.startsWith('*.')) return this.#oneLabel.get(match.slice(2));
+    return this.#exact.get(match);
+  }
+
   /** The pattern maps (exact, `*.`, `**.`), for diffTables: name to routes in lookup order. */
   patterns(): readonly [ReadonlyMap<string, readonly RouteSpec[]>, ReadonlyMap<string, readonly RouteSpec[]>, ReadonlyMap<string, readonly RouteSpec[]>] {
     return [this.#exact, this.#oneLabel, this.#anyLabels];
@@ -278,10 +285,13 @@ function pick(list: RouteSpec[] | undefined, alpn: readonly string[] | null): Ro
  * Holds the live table. `replace` is an atomic swap: a connection looks the table up once, when
  * its ClientHello is complete, and keeps the backend it got whatever happens to the table later.
  */
+/** Told of each replace: the new table, its generation, and what changed from the previous one. */
+export type ReplaceListener = (table: RouteTable, generation: number, diff: RouteDiff) => void;
+
 export class Router {
   #table: RouteTable;
   #generation = 1;
-  #listeners: Array<(table: RouteTable, generation: number) => void> = [];
+  #listeners: ReplaceListener[] = [];
 
   constructor(initial: RouteTable) {
     this.#table = initial;
@@ -295,14 +305,22 @@ export class Router {
     return this.#generation;
   }
 
-  replace(table: RouteTable): number {
+  /**
+   * Swaps `table` in. `diff` is what changed from the live table (the composer has it already);
+   * without it, and with a listener to tell, it is computed here.
+   */
+  replace(table: RouteTable, diff?: RouteDiff): number {
+    const previous = this.#table;
     this.#table = table;
     this.#generation++;
-    for (const fn of this.#listeners) fn(table, this.#generation);
+    if (this.#listeners.length > 0) {
+      const d = diff ?? diffTables(previous, table);
+      for (const fn of this.#listeners) fn(table, this.#generation, d);
+    }
     return this.#generation;
   }
 
-  onReplace(fn: (table: RouteTable, generation: number) => void): void {
+  onReplace(fn: ReplaceListener): void {
     this.#listeners.push(fn);
   }
 }

@@ -358,7 +358,7 @@ export class Composer {
       if (this.#gaugesStale) this.#publishGauges(current);
       return;
     }
-    const generation = this.#router.replace(table);
+    const generation = this.#router.replace(table, diff);
     this.#publishGauges(table);
     this.#logger.info({
       generation,
