@@ -30,7 +30,8 @@ export interface DataPlane {
   drain(graceMs: number): Promise<void>;
 }
 
-export interface LocalOptions {
+/** What any data plane is built from. */
+export interface DataPlaneOptions {
   readonly router: Router;
   readonly metrics: Metrics;
   readonly logger: Logger;
@@ -46,7 +47,7 @@ export class LocalDataPlane implements DataPlane {
   readonly #router: Router;
   readonly #listen: readonly ListenAddress[];
 
-  constructor(opts: LocalOptions) {
+  constructor(opts: DataPlaneOptions) {
     this.#server = new RouterServer(opts);
     this.#metrics = opts.metrics;
     this.#router = opts.router;

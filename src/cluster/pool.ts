@@ -15,9 +15,8 @@ import pino from 'pino';
 import type { ListenAddress, ServerSettings } from '../config/types.ts';
 import type { Logger } from '../log.ts';
 import type { Metrics } from '../metrics/metrics.ts';
-import type { DataPlane } from '../data-plane.ts';
+import type { DataPlane, DataPlaneOptions } from '../data-plane.ts';
 import type { BackendHealth } from '../router/server.ts';
-import type { Router } from '../router/table.ts';
 import { PRIMARY_METRICS, type MetricJson, aggregateMetrics, retire } from './aggregate.ts';
 import type { PrimaryMessage, WorkerMessage, WorkerSettings, WorkerState, WorkerStats, WorkerStatus } from './protocol.ts';
 import { isWorkerMessage } from './protocol.ts';
@@ -39,14 +38,8 @@ const WATCH = {
 /** Where pino keeps a logger's destination (pino.symbols is its public list of them). */
 const streamSym = pino.symbols.streamSym;
 
-export interface WorkerPoolOptions {
+export interface WorkerPoolOptions extends DataPlaneOptions {
   readonly count: number;
-  readonly router: Router;
-  readonly metrics: Metrics;
-  readonly logger: Logger;
-  readonly listen: readonly ListenAddress[];
-  readonly settings: ServerSettings;
-  readonly accessLog: boolean;
   /** true: workers send their log lines to this logger's destination; false: they write to stdout. */
   readonly relayLogs: boolean;
 }
