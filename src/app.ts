@@ -114,6 +114,7 @@ export class App {
       routes: this.router.table.routes.length,
       sources: config.sources.map((s) => s.name),
       workers: config.workers,
+      relay: this.server.relay,
     }, 'sni-router started');
   }
 

@@ -13,6 +13,8 @@ export interface DataPlane {
   /** Connections accepted and not finished (with workers: as of their last heartbeats). */
   readonly activeConnections: number;
   readonly draining: boolean;
+  /** The relay that runs connections (the workers' as configured; each warns if it falls back). */
+  readonly relay: 'native' | 'portable';
   /** Listens on the configured addresses; resolves with where it listens. */
   start(): Promise<AddressInfo[]>;
   /** null while serving, else why not ("a worker is restarting"). */
@@ -60,6 +62,10 @@ export class LocalDataPlane implements DataPlane {
 
   get draining(): boolean {
     return this.#server.draining;
+  }
+
+  get relay(): 'native' | 'portable' {
+    return this.#server.relay;
   }
 
   start(): Promise<AddressInfo[]> {

@@ -22,7 +22,7 @@ test('the native relay runs on the pinned Node; the portable one when the config
     for (const relay of ['native', 'portable'] as const) {
       const r = await startRouter(`relay: ${relay}\nfallback: { addr: "127.0.0.1:${rec.port}" }\n`);
       try {
-        assert.equal((r.app as unknown as { server: { relay: string } }).server.relay, relay);
+        assert.equal(r.app.server.relay, relay);
         const reply = await rawExchange(r.port, [buildHello({ sni: 'x.example.test' })], { end: false, timeoutMs: 1000 });
         assert.equal(reply.toString(), 'hi');
       } finally {

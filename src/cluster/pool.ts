@@ -113,6 +113,10 @@ export class WorkerPool implements DataPlane {
     return this.#slots.length;
   }
 
+  get relay(): 'native' | 'portable' {
+    return this.#settings.server.relay;
+  }
+
   get draining(): boolean {
     return this.#draining;
   }
