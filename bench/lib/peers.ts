@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { availableParallelism } from 'node:os';
 import { Proc, sleep, waitListening } from './proc.ts';
 
-export const TARGETS = ['direct', 'haproxy', 'nginx', 'nginx-64k', 'sniproxy', 'sni-router', 'sni-router-workers'] as const;
+export const TARGETS = ['direct', 'haproxy', 'nginx', 'nginx-64k', 'sniproxy', 'sni-router', 'sni-router-workers', 'sni-router-portable'] as const;
 export type Target = (typeof TARGETS)[number];
 /**
  * What a run measures unless --proxies says otherwise. nginx-64k (nginx with 64 KiB buffers, the
@@ -88,6 +88,7 @@ export function unavailable(target: Target): string | null {
     case 'direct':
     case 'sni-router':
     case 'sni-router-workers':
+    case 'sni-router-portable':
       return null;
     case 'haproxy':
       return which('haproxy') ? null : 'haproxy is not installed (apt-get install haproxy)';
@@ -148,10 +149,13 @@ export async function startProxy(target: Target, ports: Ports, ctx: PeerContext,
       break;
     }
     case 'sni-router':
-    case 'sni-router-workers': {
+    case 'sni-router-workers':
+    case 'sni-router-portable': {
       const cfg = join(ctx.dir, 'sni-router.yaml');
       const workers = target === WORKERS_TARGET ? `\nworkers: ${extra.workers ?? 2}\n` : '';
-      writeFileSync(cfg, fill(template(ctx.repo, 'sni-router.yaml'), vars) + workers);
+      // sni-router-portable: the relay on public net.Socket API (relay: portable), pinned like sni-router.
+      const relay = target === 'sni-router-portable' ? '\nrelay: portable\n' : '';
+      writeFileSync(cfg, fill(template(ctx.repo, 'sni-router.yaml'), vars) + workers + relay);
       cmd = join(ctx.repo, 'bin', 'sni-router');
       args = ['--config', cfg];
       break;
